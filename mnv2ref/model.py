@@ -1,0 +1,328 @@
+"""MobileNetV2 as a list of small named layers, built from `V2_DEF`.
+
+    model = MobileNetV2.from_checkpoint("model.ckpt")
+    for layer in model.layers:          # layer_1 ... layer_19, global_pool, Logits, Predictions
+        x = layer(x)
+
+Each layer is a callable object holding its (unfolded) BatchNorm parameters
+and calling the readable functions of `layers.py`; this is the path a student
+steps through. `backend="numba"` runs the same network with BatchNorm folded
+into JIT-compiled kernels (`fast.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+
+from . import layers as L
+from .architecture import ConvSpec, LayerSpec, layer_specs, logits_spec, variable_shapes
+from .errors import InputError, Mnv2refError, WeightsError
+from .weights import infer_config, read_h5, select_variables, shape_problems
+
+Capture = Optional[Callable[[str, np.ndarray], None]]
+BACKENDS = ("numpy", "numba")
+
+
+@dataclass(repr=False)
+class ConvBN:
+    """A conv (full, 1x1 or depthwise) followed by BatchNorm and, unless it is
+    a linear projection, ReLU6. (N, H, W, Cin) -> (N, H/stride, W/stride, Cout)."""
+
+    spec: ConvSpec
+    weights: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    moving_mean: np.ndarray
+    moving_variance: np.ndarray
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.spec.kind == "depthwise":
+            y = L.depthwise_conv2d(x, self.weights, self.spec.stride)
+        elif self.spec.kernel == 1 and self.spec.stride == 1:
+            y = L.pointwise_conv2d(x, self.weights)
+        else:
+            y = L.conv2d(x, self.weights, self.spec.stride)
+        y = L.batch_norm(y, self.gamma, self.beta, self.moving_mean, self.moving_variance)
+        return L.relu6(y) if self.spec.relu6 else y
+
+    def folded(self) -> tuple:
+        """(weights, bias) with this BatchNorm folded in."""
+        return L.fold_batch_norm(self.weights, self.gamma, self.beta, self.moving_mean,
+                                 self.moving_variance, depthwise=self.spec.kind == "depthwise")
+
+    def __repr__(self):
+        return f"ConvBN({self.spec.scope}, {self.spec.kind}, {self.weights.shape})"
+
+
+@dataclass(repr=False)
+class ConvLayer:
+    """A numbered layer that is one conv: the stem `layer_1` and `layer_19`."""
+
+    name: str
+    spec: LayerSpec
+    conv: ConvBN
+
+    def __call__(self, x: np.ndarray, capture: Capture = None) -> np.ndarray:
+        return self.conv(x)
+
+    def __repr__(self):
+        c = self.spec.convs[0]
+        return f"ConvLayer({self.name}: {c.in_channels}->{c.out_channels}, {c.kernel}x{c.kernel}/{c.stride})"
+
+
+@dataclass(repr=False)
+class InvertedResidual:
+    """Expand (1x1, ReLU6) -> depthwise (3x3, ReLU6) -> project (1x1, linear),
+    plus the input when the shapes allow: (N, H, W, Cin) -> (N, H/s, W/s, Cout).
+
+    The block is thin at its ends and wide in the middle (the opposite of a
+    ResNet bottleneck), and the projection has no ReLU6 because a ReLU on a
+    few channels destroys information the next block needs."""
+
+    name: str
+    spec: LayerSpec
+    expand: Optional[ConvBN]
+    depthwise: ConvBN
+    project: ConvBN
+
+    def __call__(self, x: np.ndarray, capture: Capture = None) -> np.ndarray:
+        capture = capture or _ignore
+        h = x
+        if self.expand is not None:
+            h = self.expand(h)
+            capture(f"{self.name}/expansion_output", h)
+        h = self.depthwise(h)
+        capture(f"{self.name}/depthwise_output", h)
+        h = self.project(h)
+        if self.spec.residual:
+            capture(f"{self.name}/projection_output", h)
+            h = h + x
+        return h
+
+    def __repr__(self):
+        return (f"InvertedResidual({self.name}: {self.spec.in_channels}->{self.spec.out_channels}, "
+                f"stride {self.spec.stride}{', residual' if self.spec.residual else ''})")
+
+
+@dataclass(repr=False)
+class GlobalPool:
+    """(N, H, W, C) -> (N, 1, 1, C): the embedding."""
+
+    name: str = "global_pool"
+
+    def __call__(self, x: np.ndarray, capture: Capture = None) -> np.ndarray:
+        return L.global_avg_pool(x)
+
+    def __repr__(self):
+        return "GlobalPool()"
+
+
+@dataclass(repr=False)
+class Logits:
+    """The classifier, a 1x1 conv with bias: (N, 1, 1, C) -> (N, classes)."""
+
+    weights: np.ndarray
+    biases: np.ndarray
+    name: str = "Logits"
+
+    def __call__(self, x: np.ndarray, capture: Capture = None) -> np.ndarray:
+        y = L.pointwise_conv2d(x, self.weights) + self.biases.astype(x.dtype, copy=False)
+        return y.reshape(y.shape[0], y.shape[-1])
+
+    def __repr__(self):
+        return f"Logits({self.weights.shape[2]}->{self.weights.shape[3]})"
+
+
+@dataclass(repr=False)
+class Predictions:
+    """Softmax over the classes: (N, classes) -> (N, classes)."""
+
+    name: str = "Predictions"
+
+    def __call__(self, x: np.ndarray, capture: Capture = None) -> np.ndarray:
+        return L.softmax(x)
+
+    def __repr__(self):
+        return "Predictions()"
+
+
+def _ignore(name: str, value: np.ndarray) -> None:
+    pass
+
+
+@dataclass(repr=False)
+class MobileNetV2:
+    """A MobileNetV2 with its weights. Build it with `from_checkpoint` or
+    `from_h5`; `num_classes` is 0 for a backbone without classifier."""
+
+    variables: Mapping
+    metadata: dict = field(default_factory=dict)
+    source: str = "weights"
+
+    def __post_init__(self):
+        self.depth_multiplier, self.num_classes = infer_config(self.variables, self.source)
+        self.specs = layer_specs(self.depth_multiplier)
+        self.layers = self._build_layers()
+        self._fast = None
+
+    @classmethod
+    def from_checkpoint(cls, prefix, use_ema: bool = True) -> "MobileNetV2":
+        """Load from a TF checkpoint (`PREFIX.index` + data shards). With
+        `use_ema` the ExponentialMovingAverage shadows are used where the
+        checkpoint has them, as TF-slim evaluation does."""
+        from .checkpoint import read_checkpoint
+
+        checkpoint = read_checkpoint(prefix)
+        source = str(checkpoint.index_file)
+        variables, used_ema = select_variables(checkpoint, use_ema, source=source)
+        return cls(variables, {"use_ema": used_ema, "source": source}, source)
+
+    @classmethod
+    def from_h5(cls, path) -> "MobileNetV2":
+        """Load from an HDF5 file written by `mnv2ref.convert`."""
+        variables, attributes = read_h5(path)
+        return cls(variables, attributes, str(path))
+
+    @classmethod
+    def load(cls, path, use_ema: bool = True) -> "MobileNetV2":
+        """`from_h5` for an .h5/.hdf5 file, else `from_checkpoint`."""
+        if str(path).lower().endswith((".h5", ".hdf5")):
+            return cls.from_h5(path)
+        return cls.from_checkpoint(path, use_ema)
+
+    def _build_layers(self) -> list:
+        v = self.variables
+        problems = shape_problems(v, variable_shapes(self.depth_multiplier, self.num_classes))
+        if problems:
+            raise WeightsError(f"{self.source}: {problems[0]}")
+
+        def conv_bn(spec: ConvSpec) -> ConvBN:
+            return ConvBN(spec, v[spec.weights_name], *(v[spec.batch_norm_name(leaf)] for leaf in
+                                                         ("gamma", "beta", "moving_mean", "moving_variance")))
+
+        built = []
+        for spec in self.specs:
+            if spec.is_block:
+                expand = spec.conv("expand")
+                built.append(InvertedResidual(spec.endpoint, spec, expand and conv_bn(expand),
+                                              conv_bn(spec.conv("depthwise")), conv_bn(spec.conv("project"))))
+            else:
+                built.append(ConvLayer(spec.endpoint, spec, conv_bn(spec.convs[0])))
+        built.append(GlobalPool())
+        if self.num_classes:
+            logits = logits_spec(self.depth_multiplier, self.num_classes)
+            built.append(Logits(v[logits.weights_name], v[logits.biases_name]))
+            built.append(Predictions())
+        return built
+
+    @property
+    def layer_names(self) -> list:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def embedding_size(self) -> int:
+        return self.specs[-1].out_channels
+
+    def endpoints(self, x: np.ndarray, backend: str = "numpy", until: Optional[str] = None,
+                  capture: Capture = None) -> dict:
+        """Run the network and return every endpoint by its TF-slim name:
+        `layer_1` ... `layer_19`, `layer_N/expansion_output`,
+        `layer_N/depthwise_output`, `layer_N/projection_output` (before the
+        residual add), `global_pool` (N, 1, 1, C), and with a classifier
+        `Logits` (N, classes) and `Predictions`.
+
+        x: (N, H, W, 3) NHWC, float32 or float64, preprocessed to [-1, 1]; the
+        computation runs in x's dtype. `until` stops after the named layer;
+        `capture(name, array)` is called for every endpoint as it is made."""
+        x = check_input(x)
+        self._check_until(until)
+        if backend == "numba":
+            return self.fast.endpoints(x, until=until, capture=capture)
+        check_backend(backend)
+        outputs = {}
+
+        def record(name, value):
+            outputs[name] = value
+            if capture is not None:
+                capture(name, value)
+
+        for layer in self.layers:
+            x = layer(x, record)
+            record(layer.name, x)
+            if layer.name == until:
+                break
+        return outputs
+
+    def run(self, x: np.ndarray, until: str, backend: str = "numpy") -> np.ndarray:
+        """The output of layer `until` (e.g. "layer_7" or "global_pool")."""
+        return self.endpoints(x, backend=backend, until=until)[until]
+
+    def embed(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
+        """The global-pool embedding: (N, H, W, 3) -> (N, C), C = 1280 for d <= 1."""
+        pooled = self._forward(x, "global_pool", backend)
+        return pooled.reshape(pooled.shape[0], -1)
+
+    def predict(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
+        """Class probabilities: (N, H, W, 3) -> (N, num_classes), class 0 = background."""
+        if not self.num_classes:
+            raise WeightsError(f"{self.source} has no classifier (MobilenetV2/Logits/Conv2d_1c_1x1 "
+                               "is absent): predict() needs a full checkpoint; use embed() for "
+                               "the 1280-d features")
+        return self._forward(x, "Predictions", backend)
+
+    def _forward(self, x: np.ndarray, until: str, backend: str) -> np.ndarray:
+        x = check_input(x)
+        if backend == "numba":
+            return self.fast.run(x, until)
+        check_backend(backend)
+        for layer in self.layers:
+            x = layer(x)
+            if layer.name == until:
+                return x
+        raise AssertionError(until)
+
+    @property
+    def fast(self):
+        """The Numba fast path: BatchNorm folded and weights packed once, on first use."""
+        if self._fast is None:
+            from .fast import FastMobileNetV2
+
+            self._fast = FastMobileNetV2(self)
+        return self._fast
+
+    def _check_until(self, until: Optional[str]) -> None:
+        if until is not None and until not in self.layer_names:
+            raise InputError(f"no layer named {until!r}; layers are {', '.join(self.layer_names)}")
+
+    def __repr__(self):
+        return (f"MobileNetV2(depth_multiplier={self.depth_multiplier}, num_classes={self.num_classes}, "
+                f"source={self.source!r})")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def check_input(x) -> np.ndarray:
+    """Refuse anything but a finite (N, H, W, 3) float32/float64 NHWC batch."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"input must be a NumPy array of shape (N, H, W, 3), got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[3] != 3:
+        hint = " (add a batch axis: x[None])" if x.ndim == 3 and x.shape[-1] == 3 else ""
+        raise InputError(f"input must have shape (N, H, W, 3) NHWC, got {x.shape}{hint}")
+    if x.dtype not in (np.float32, np.float64):
+        raise InputError(f"input dtype must be float32 or float64, got {x.dtype} "
+                         "(preprocess uint8 images with mnv2ref.preprocess)")
+    if min(x.shape[:3]) < 1:
+        raise InputError(f"input has an empty axis: shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"input contains {np.count_nonzero(~np.isfinite(x))} NaN or Inf values")
+    return x
+
+
+__all__ = ["MobileNetV2", "ConvBN", "ConvLayer", "InvertedResidual", "GlobalPool", "Logits",
+           "Predictions", "Mnv2refError"]

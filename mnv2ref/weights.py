@@ -1,0 +1,193 @@
+"""From a TF-slim checkpoint to the model's variables, and to and from HDF5.
+
+A training checkpoint holds, for every model variable `X`, its moving average
+`X/ExponentialMovingAverage`, the optimizer slots `X/RMSProp` and
+`X/RMSProp_1`, and a `global_step`. TF-slim evaluation restores the moving
+averages; so does `select_variables` by default (`use_ema=False` takes the
+raw values instead).
+
+HDF5 layout written by `convert` (format version 1): one float32 dataset per
+model variable at its TF-slim name (`MobilenetV2/Conv/weights`, ...), and on
+the root group the attributes `format` ("mnv2ref-weights"), `format_version`,
+`depth_multiplier`, `num_classes`, `use_ema`, `source_files` and
+`source_sha256` (JSON), `mnv2ref_version`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .architecture import PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
+from .errors import WeightsError
+
+EMA_SUFFIX = "/ExponentialMovingAverage"
+OPTIMIZER_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum", "/Adam", "/Adam_1")
+NON_MODEL_VARIABLES = ("global_step",)
+H5_FORMAT = "mnv2ref-weights"
+H5_FORMAT_VERSION = 1
+
+
+def is_model_variable(name: str) -> bool:
+    """True for the network's own variables, False for EMA shadows, optimizer
+    slots and bookkeeping such as `global_step`."""
+    return not (name in NON_MODEL_VARIABLES or name.endswith(EMA_SUFFIX)
+                or name.endswith(OPTIMIZER_SUFFIXES))
+
+
+def select_variables(checkpoint: Mapping, use_ema: bool = True, source: str = "checkpoint") -> tuple:
+    """Pick the value of every model variable: its EMA shadow when `use_ema`
+    and the checkpoint has shadows, else the raw value.
+
+    Returns ({name: array}, used_ema). A checkpoint with shadows for some
+    model variables but not others is refused: it was not written by one
+    TF-slim training run, and mixing the two silently would be wrong."""
+    names = [name for name in checkpoint if is_model_variable(name)]
+    shadowed = [name for name in names if name + EMA_SUFFIX in checkpoint]
+    used_ema = use_ema and bool(shadowed)
+    if used_ema and len(shadowed) != len(names):
+        missing = sorted(set(names) - set(shadowed))
+        raise WeightsError(f"{source}: {len(missing)} model variables have no "
+                           f"ExponentialMovingAverage shadow (first: {missing[0]}); "
+                           "load the raw values with use_ema=False")
+    variables = {name: checkpoint[name + EMA_SUFFIX] if used_ema else checkpoint[name]
+                 for name in names}
+    return variables, used_ema
+
+
+def infer_config(variables: Mapping, source: str = "weights") -> tuple:
+    """(depth_multiplier, num_classes) of a set of MobileNetV2 variables.
+
+    Each published depth multiplier is tried in turn and the one whose every
+    expected tensor is present with the right shape wins; otherwise the error
+    names the first tensor that is missing or wrongly shaped for the closest
+    candidate."""
+    biases = variables.get("MobilenetV2/Logits/Conv2d_1c_1x1/biases")
+    num_classes = int(biases.shape[0]) if biases is not None and biases.ndim == 1 else 0
+    best = None
+    for depth_multiplier in PUBLISHED_DEPTH_MULTIPLIERS:
+        problems = shape_problems(variables, variable_shapes(depth_multiplier, num_classes))
+        if not problems:
+            return depth_multiplier, num_classes
+        if best is None or len(problems) < len(best[1]):
+            best = depth_multiplier, problems
+    depth_multiplier, problems = best
+    raise WeightsError(f"{source} is not a MobileNetV2 of a published depth multiplier: "
+                       f"closest is {depth_multiplier} with {len(problems)} problems, first: {problems[0]}")
+
+
+def shape_problems(variables: Mapping, expected: Mapping) -> list:
+    """Each expected tensor that is missing or has the wrong shape, in words."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in variables:
+            problems.append(f"tensor {name} is missing (expected shape {shape})")
+        elif tuple(variables[name].shape) != tuple(shape):
+            problems.append(f"tensor {name} has shape {tuple(variables[name].shape)}, expected {shape}")
+    return problems
+
+
+def sha256_of(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_output(path: os.PathLike, suffix: str = ".tmp"):
+    """A temporary file next to `path`, to be renamed over it once complete,
+    so that a failed run never leaves a half-written file or clobbers an
+    existing one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path:
+    """Write variables and root attributes to `path` atomically."""
+    import h5py
+
+    path = Path(path)
+    tmp = atomic_output(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name in sorted(variables):
+                f.create_dataset(name, data=np.asarray(variables[name], dtype=np.float32))
+            f.attrs["format"] = H5_FORMAT
+            f.attrs["format_version"] = H5_FORMAT_VERSION
+            for key, value in attributes.items():
+                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def convert(prefix, out_h5, use_ema: bool = True) -> Path:
+    """Convert a TF-slim MobileNetV2 checkpoint to the HDF5 layout above.
+
+    Only model variables are kept (EMA shadows by default, raw values with
+    `use_ema=False`); optimizer slots and `global_step` are dropped."""
+    from . import __version__
+    from .checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(prefix)
+    variables, used_ema = select_variables(checkpoint, use_ema, source=str(checkpoint.index_file))
+    depth_multiplier, num_classes = infer_config(variables, source=str(checkpoint.index_file))
+    sources = [Path(checkpoint.index_file), *map(Path, checkpoint.data_files)]
+    return write_h5(out_h5, variables, {
+        "depth_multiplier": depth_multiplier,
+        "num_classes": num_classes,
+        "use_ema": used_ema,
+        "source_files": [p.name for p in sources],
+        "source_sha256": {p.name: sha256_of(p) for p in sources},
+        "mnv2ref_version": __version__,
+    })
+
+
+def read_h5(path) -> tuple:
+    """Read an HDF5 weights file written by `convert`: ({name: array}, attributes).
+    Only checks that it is such a file; `infer_config` checks the network."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != H5_FORMAT:
+                raise WeightsError(f"{path}: not an mnv2ref weights file "
+                                   f"(attribute format is {f.attrs.get('format')!r}, expected {H5_FORMAT!r})")
+            variables = {}
+
+            def collect(name, node):
+                if isinstance(node, h5py.Dataset):
+                    variables[name] = np.asarray(node[()], dtype=np.float32)
+
+            f.visititems(collect)
+            attributes = {key: _decode_attribute(value) for key, value in f.attrs.items()}
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise WeightsError(f"{path}: cannot read as HDF5 weights ({error})") from None
+    return variables, attributes
+
+
+def _decode_attribute(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
