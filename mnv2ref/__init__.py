@@ -10,7 +10,7 @@ MobileNetV2, checked endpoint by endpoint against TensorFlow.
 from importlib import import_module
 
 from .errors import (CheckpointError, ChecksumError, FetchError, ImageError, InputError,
-                     Mnv2refError, WeightsError)
+                     MissingDependencyError, Mnv2refError, WeightsError)
 
 __version__ = "0.1.0"
 
@@ -22,7 +22,7 @@ _PUBLIC = {
     "MobileNetV2": "model",
     "load_image": "preprocessing",
     "preprocess": "preprocessing",
-    "cost": "cost",
+    "cost": "accounting",
 }
 
 
@@ -37,4 +37,4 @@ def __dir__():
 
 
 __all__ = [*_PUBLIC, "Mnv2refError", "CheckpointError", "ChecksumError", "WeightsError",
-           "ImageError", "InputError", "FetchError", "__version__"]
+           "ImageError", "InputError", "FetchError", "MissingDependencyError", "__version__"]

@@ -31,3 +31,7 @@ class InputError(Mnv2refError, ValueError):
 
 class FetchError(Mnv2refError):
     """Downloading or unpacking a published checkpoint archive failed."""
+
+
+class MissingDependencyError(Mnv2refError):
+    """An optional dependency (matplotlib, onnx, ...) is not installed."""

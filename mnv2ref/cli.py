@@ -1,0 +1,259 @@
+"""The `mnv2ref` command line (also `python -m mnv2ref`).
+
+Every command prints its result on stdout and nothing else there, so its
+output can be piped; progress and warnings go to stderr. An error is one line
+on stderr, `mnv2ref: error: ...`, and a non-zero exit status, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError, Mnv2refError, WeightsError
+
+
+def _load_model(args):
+    from .model import MobileNetV2
+    from .resources import find_weights
+
+    path = find_weights(getattr(args, "weights", None))
+    return MobileNetV2.load(path, use_ema=not getattr(args, "raw", False))
+
+
+def _load_batch(paths, size):
+    from .preprocessing import load_image, preprocess
+
+    return np.stack([preprocess(load_image(p), size=size) for p in paths])
+
+
+def cmd_convert(args):
+    from .weights import convert
+
+    print(convert(args.prefix, args.out, use_ema=not args.raw))
+
+
+def cmd_info(args):
+    from .model import MobileNetV2
+    from .weights import read_h5
+
+    path = Path(args.weights)
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        variables, attributes = read_h5(path)
+    else:
+        from .checkpoint import read_checkpoint
+
+        checkpoint = read_checkpoint(path)
+        variables = {name: entry for name, entry in checkpoint.entries.items()}
+        attributes = {"format": "TensorFlow V2 checkpoint", "index": str(checkpoint.index_file),
+                      "data files": [str(p) for p in checkpoint.data_files]}
+    if args.json:
+        print(json.dumps({"attributes": attributes,
+                          "variables": {n: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                                        for n, v in variables.items()}}, indent=1, default=str))
+        return
+    for key, value in attributes.items():
+        print(f"# {key}: {value}")
+    total = 0
+    for name, value in variables.items():
+        total += int(np.prod(value.shape))
+        print(f"{name}\t{tuple(value.shape)}\t{value.dtype}")
+    print(f"# {len(variables)} tensors, {total:,} values")
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        model = MobileNetV2(variables, attributes, str(path))
+        print(f"# MobileNetV2 depth_multiplier={model.depth_multiplier} num_classes={model.num_classes}")
+
+
+def cmd_classify(args):
+    from .resources import label
+
+    model = _load_model(args)
+    if not model.num_classes:
+        raise WeightsError(f"{model.source} has no classifier: classify needs a full checkpoint "
+                           "(run `mnv2ref fetch`); `mnv2ref embed` works with a backbone")
+    for path in args.images:
+        probs = model.predict(_load_batch([path], args.size), backend=args.backend)[0]
+        top = np.argsort(probs)[::-1][:args.top]
+        print("\t".join([str(path)] + [f"{i}:{label(i, model.num_classes)}:{probs[i]:.4f}" for i in top]))
+
+
+def cmd_embed(args):
+    from .weights import atomic_output
+
+    model = _load_model(args)
+    features = model.embed(_load_batch(args.images, args.size), backend=args.backend)
+    tmp = atomic_output(args.output, suffix=".npy")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, features)
+        tmp.replace(args.output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{args.output}\t{features.shape}", file=sys.stderr)
+
+
+def cmd_fetch(args):
+    from .fetch import fetch
+
+    print(fetch(args.depth_multiplier, args.resolution, out_dir=args.out, url=args.url))
+
+
+def cmd_demo(args):
+    from .preprocessing import load_image, preprocess
+    from .resources import EXAMPLE_IMAGE, label
+    from .trace import format_trace, trace
+
+    model = _load_model(args)
+    image = args.image or EXAMPLE_IMAGE
+    x = preprocess(load_image(image), size=args.size)[None]
+    print(f"MobileNetV2 {model.depth_multiplier}, {model.num_classes or 'no'} classes, "
+          f"weights {model.source}")
+    print(f"image {image} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
+    rows = trace(model, x, backend=args.backend)
+    print(format_trace(rows))
+    print(f"\ntotal {sum(r.ms for r in rows):.1f} ms, {rows[-1].cumulative_flops / 1e9:.3f} GFLOPs")
+    if model.num_classes:
+        probs = model.predict(x, backend=args.backend)[0]
+        print("\ntop-5:")
+        for i in np.argsort(probs)[::-1][:5]:
+            print(f"  {probs[i]:7.2%}  {i:4d}  {label(i, model.num_classes)}")
+    else:
+        embedding = model.embed(x, backend=args.backend)[0]
+        print(f"\nThese weights have no classifier (MobilenetV2/Logits is absent), so there are no "
+              f"class scores; run `mnv2ref fetch` for the full published model.\n"
+              f"embedding: {embedding.size}-d global pool, min {embedding.min():.4f} "
+              f"mean {embedding.mean():.4f} max {embedding.max():.4f} "
+              f"L2 norm {np.linalg.norm(embedding):.4f}, "
+              f"{np.count_nonzero(embedding == 0)} zeros; largest at "
+              + ", ".join(str(i) for i in np.argsort(embedding)[::-1][:5]))
+
+
+def cmd_summary(args):
+    from .accounting import cost
+
+    c = cost(args.depth_multiplier, args.resolution, args.num_classes)
+    print(json.dumps(c.to_dict(), indent=1) if args.json else c.format_table())
+
+
+def cmd_trace(args):
+    from .preprocessing import load_image, preprocess
+    from .trace import format_trace, trace
+
+    model = _load_model(args)
+    x = preprocess(load_image(args.image), size=args.size)[None]
+    rows = trace(model, x, backend=args.backend)
+    if args.json:
+        print(json.dumps({"image": str(args.image), "weights": model.source, "backend": args.backend,
+                          "layers": [row.to_dict() for row in rows]}, indent=1))
+    else:
+        print(format_trace(rows))
+
+
+def cmd_plot_cost(args):
+    from .accounting import cost
+    from .plots import plot_cost
+
+    print(plot_cost(cost(args.depth_multiplier, args.resolution, args.num_classes), args.out))
+
+
+def cmd_plot_activations(args):
+    from .plots import plot_feature_maps
+
+    model = _load_model(args)
+    x = _load_batch([args.image], args.size)
+    activation = model.endpoints(x, backend=args.backend, until=args.layer.split("/")[0])
+    if args.layer not in activation:
+        raise InputError(f"no endpoint named {args.layer!r}; try one of {', '.join(activation)}")
+    print(plot_feature_maps(activation[args.layer], args.out,
+                            title=f"{args.layer} of {Path(args.image).name}, {activation[args.layer].shape}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnv2ref", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mnv2ref {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def with_weights(p):
+        p.add_argument("--weights", "-w", help="an .h5 from `convert` or a TF checkpoint prefix "
+                       "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
+        p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
+                       "instead of their ExponentialMovingAverage")
+        p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
+        p.add_argument("--size", type=int, default=224, help="input resolution (default 224)")
+        return p
+
+    p = command("demo", cmd_demo, "run an example image through the network, layer by layer")
+    with_weights(p)
+    p.add_argument("image", nargs="?", help="an image (default: a bundled photo of a cat)")
+
+    p = command("convert", cmd_convert, "convert a TF-slim checkpoint to HDF5")
+    p.add_argument("prefix", help="checkpoint prefix (PREFIX.index + PREFIX.data-*)")
+    p.add_argument("out", help="output .h5 file")
+    p.add_argument("--raw", action="store_true", help="raw variables instead of their moving averages")
+
+    p = command("info", cmd_info, "list the variables, shapes and metadata of weights")
+    p.add_argument("weights", help="an .h5 file or a TF checkpoint prefix")
+    p.add_argument("--json", action="store_true")
+
+    p = with_weights(command("classify", cmd_classify, "print the top classes of images"))
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", "-k", type=int, default=5)
+
+    p = with_weights(command("embed", cmd_embed, "write the global-pool embeddings of images to .npy"))
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--output", required=True, help="output .npy, shape (images, 1280)")
+
+    p = command("fetch", cmd_fetch, "download a published checkpoint and convert it into weights/")
+    p.add_argument("--depth-multiplier", "-d", type=float, default=1.0)
+    p.add_argument("--resolution", "-r", type=int, default=224)
+    p.add_argument("--out", default="weights", help="output folder (default weights/)")
+    p.add_argument("--url", help="download from this URL instead of the model zoo")
+
+    def with_config(p):
+        p.add_argument("--depth-multiplier", "-d", type=float, default=1.0)
+        p.add_argument("--resolution", "-r", type=int, default=224)
+        p.add_argument("--num-classes", type=int, default=1001, help="0 for the backbone alone")
+        return p
+
+    p = with_config(command("summary", cmd_summary, "per-layer MACs, FLOPs and parameters, no weights needed"))
+    p.add_argument("--json", action="store_true")
+
+    p = with_weights(command("trace", cmd_trace, "per-layer activation statistics, time and FLOPs for an image"))
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true")
+
+    p = with_config(command("plot-cost", cmd_plot_cost, "bar chart of FLOPs and parameters per layer"))
+    p.add_argument("out", help="output image (.png, .svg, .pdf)")
+
+    p = with_weights(command("plot-activations", cmd_plot_activations, "grid of one layer's feature maps"))
+    p.add_argument("image")
+    p.add_argument("layer", help="an endpoint, e.g. layer_3 or layer_3/expansion_output")
+    p.add_argument("out", help="output image (.png, .svg, .pdf)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except Mnv2refError as error:
+        print(f"mnv2ref: error: {error}", file=sys.stderr)
+    except OSError as error:
+        print(f"mnv2ref: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mnv2ref: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+
