@@ -46,7 +46,7 @@ def save_figure(fig, path) -> Path:
     return path
 
 
-def plot_cost(c, path) -> None:
+def plot_cost(c, path) -> Path:
     """Save a bar chart of FLOPs and parameters per layer (layer_1 ...
     layer_19, pool, logits, softmax), stacked by kind, to `path` (the format
     follows the extension: .png, .svg, .pdf ...). Needs matplotlib; no global
@@ -80,7 +80,7 @@ def plot_cost(c, path) -> None:
     axes[1].set_xticks(range(len(groups)), labels, rotation=45, ha="right",
                        rotation_mode="anchor")
     axes[1].set_xlabel("layer")
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_feature_maps(activation: np.ndarray, path, title: str = "", max_maps: int = 64) -> Path:
