@@ -32,6 +32,55 @@ def _load_batch(paths, size):
     return np.stack([preprocess(load_image(p), size=size) for p in paths])
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def _expand_images(paths) -> list:
+    """The image files named, with each directory replaced by the image files
+    below it (by extension, sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            files.append(path)
+    return files
+
+
+def _image_batches(paths, size, batch_size, skipped):
+    """Yield (paths, batch) of preprocessed images, `batch_size` at a time so
+    memory stays bounded however many images there are. Unreadable images are
+    reported on stderr, appended to `skipped` and left out."""
+    from tqdm import tqdm
+
+    from .errors import ImageError
+    from .preprocessing import load_image, preprocess
+
+    names, arrays = [], []
+    with tqdm(total=len(paths), unit="img", disable=None if len(paths) > 1 else True,
+              file=sys.stderr) as bar:
+        for path in paths:
+            try:
+                arrays.append(preprocess(load_image(path), size=size))
+                names.append(path)
+            except ImageError as error:
+                tqdm.write(f"mnv2ref: warning: skipping {error}", file=sys.stderr)
+                skipped.append(path)
+            bar.update()
+            if len(arrays) == batch_size:
+                yield names, np.stack(arrays)
+                names, arrays = [], []
+        if arrays:
+            yield names, np.stack(arrays)
+
+
+def _report_skipped(skipped, total) -> int:
+    if skipped:
+        print(f"mnv2ref: error: {len(skipped)} of {total} images could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_convert(args):
     from .weights import convert
 
@@ -76,17 +125,26 @@ def cmd_classify(args):
     if not model.num_classes:
         raise WeightsError(f"{model.source} has no classifier: classify needs a full checkpoint "
                            "(run `mnv2ref fetch`); `mnv2ref embed` works with a backbone")
-    for path in args.images:
-        probs = model.predict(_load_batch([path], args.size), backend=args.backend)[0]
-        top = np.argsort(probs)[::-1][:args.top]
-        print("\t".join([str(path)] + [f"{i}:{label(i, model.num_classes)}:{probs[i]:.4f}" for i in top]))
+    paths, skipped = _expand_images(args.images), []
+    for names, batch in _image_batches(paths, args.size, args.batch_size, skipped):
+        for path, probs in zip(names, model.predict(batch, backend=args.backend)):
+            top = np.argsort(probs)[::-1][:args.top]
+            print("\t".join([str(path)] + [f"{i}:{label(i, model.num_classes)}:{probs[i]:.4f}"
+                                           for i in top]), flush=True)
+    return _report_skipped(skipped, len(paths))
 
 
 def cmd_embed(args):
     from .weights import atomic_output
 
     model = _load_model(args)
-    features = model.embed(_load_batch(args.images, args.size), backend=args.backend)
+    paths, skipped, names, features = _expand_images(args.images), [], [], []
+    for batch_names, batch in _image_batches(paths, args.size, args.batch_size, skipped):
+        features.append(model.embed(batch, backend=args.backend))
+        names += batch_names
+    if not features:
+        raise InputError(f"none of the {len(paths)} images could be read; nothing written")
+    features = np.concatenate(features)
     tmp = atomic_output(args.output, suffix=".npy")
     try:
         with open(tmp, "wb") as f:
@@ -94,7 +152,11 @@ def cmd_embed(args):
         tmp.replace(args.output)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"{args.output}\t{features.shape}", file=sys.stderr)
+    for name in names:
+        print(name)
+    print(f"mnv2ref: wrote {args.output}, shape {features.shape}: row i is line i above",
+          file=sys.stderr)
+    return _report_skipped(skipped, len(paths))
 
 
 def cmd_fetch(args):
@@ -173,6 +235,13 @@ def cmd_plot_activations(args):
                             title=f"{args.layer} of {Path(args.image).name}, {activation[args.layer].shape}"))
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnv2ref", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mnv2ref {__version__}")
@@ -189,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
                        "instead of their ExponentialMovingAverage")
         p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
-        p.add_argument("--size", type=int, default=224, help="input resolution (default 224)")
+        p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
+        p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
         return p
 
     p = command("demo", cmd_demo, "run an example image through the network, layer by layer")
@@ -206,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = with_weights(command("classify", cmd_classify, "print the top classes of images"))
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", "-k", type=int, default=5)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
+    p.add_argument("--top", "-k", type=positive_int, default=5)
 
     p = with_weights(command("embed", cmd_embed, "write the global-pool embeddings of images to .npy"))
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -215,13 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("fetch", cmd_fetch, "download a published checkpoint and convert it into weights/")
     p.add_argument("--depth-multiplier", "-d", type=float, default=1.0)
-    p.add_argument("--resolution", "-r", type=int, default=224)
+    p.add_argument("--resolution", "-r", type=positive_int, default=224)
     p.add_argument("--out", default="weights", help="output folder (default weights/)")
     p.add_argument("--url", help="download from this URL instead of the model zoo")
 
     def with_config(p):
         p.add_argument("--depth-multiplier", "-d", type=float, default=1.0)
-        p.add_argument("--resolution", "-r", type=int, default=224)
+        p.add_argument("--resolution", "-r", type=positive_int, default=224)
         p.add_argument("--num-classes", type=int, default=1001, help="0 for the backbone alone")
         return p
 

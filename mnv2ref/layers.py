@@ -43,6 +43,21 @@ def _tap(x: np.ndarray, i: int, j: int, stride: int, out_h: int, out_w: int) -> 
     return x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
 
 
+def _channel_matmul(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(..., Cin) @ (Cin, Cout) -> (..., Cout), the same at any BLAS thread count.
+
+    OpenBLAS splits the sum of a matrix-vector product across its threads, so
+    the rounding of a one-row product would depend on how many threads it has;
+    a matrix-matrix product is split by rows and columns only. One-row
+    products therefore go through einsum's own single-threaded loop."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > 1 and weights.shape[1] > 1:
+        out = rows @ weights
+    else:
+        out = np.einsum("rc,ck->rk", rows, weights)
+    return out.reshape(*x.shape[:-1], weights.shape[1])
+
+
 def conv2d(x: np.ndarray, weights: np.ndarray, stride: int = 1, padding: str = "SAME") -> np.ndarray:
     """Full convolution (TF's cross-correlation).
 
@@ -56,7 +71,7 @@ def conv2d(x: np.ndarray, weights: np.ndarray, stride: int = 1, padding: str = "
     out = np.zeros((x.shape[0], out_h, out_w, weights.shape[3]), dtype=x.dtype)
     for i in range(kernel):
         for j in range(weights.shape[1]):
-            out += _tap(x, i, j, stride, out_h, out_w) @ weights[i, j]
+            out += _channel_matmul(_tap(x, i, j, stride, out_h, out_w), weights[i, j])
     return out
 
 
@@ -83,7 +98,8 @@ def pointwise_conv2d(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     x: (N, H, W, Cin); weights: (1, 1, Cin, Cout) or (Cin, Cout) -> (N, H, W, Cout).
     """
-    return x @ weights.reshape(weights.shape[-2], weights.shape[-1]).astype(x.dtype, copy=False)
+    weights = weights.reshape(weights.shape[-2], weights.shape[-1]).astype(x.dtype, copy=False)
+    return _channel_matmul(x, weights)
 
 
 def batch_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,

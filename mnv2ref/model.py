@@ -20,6 +20,7 @@ import numpy as np
 from . import layers as L
 from .architecture import ConvSpec, LayerSpec, layer_specs, logits_spec, variable_shapes
 from .errors import InputError, Mnv2refError, WeightsError
+from .interfaces import to_network_input
 from .weights import infer_config, read_h5, select_variables, shape_problems
 
 Capture = Optional[Callable[[str, np.ndarray], None]]
@@ -260,17 +261,24 @@ class MobileNetV2:
         """The output of layer `until` (e.g. "layer_7" or "global_pool")."""
         return self.endpoints(x, backend=backend, until=until)[until]
 
-    def embed(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
-        """The global-pool embedding: (N, H, W, 3) -> (N, C), C = 1280 for d <= 1."""
-        pooled = self._forward(x, "global_pool", backend)
+    def embed(self, x: np.ndarray, backend: str = "numba", **interface) -> np.ndarray:
+        """The global-pool embedding: (N, H, W, 3) -> (N, C), C = 1280 for d <= 1.
+        `layout`, `color`, `scale` as for `predict`."""
+        pooled = self._forward(to_network_input(x, **interface), "global_pool", backend)
         return pooled.reshape(pooled.shape[0], -1)
 
-    def predict(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
-        """Class probabilities: (N, H, W, 3) -> (N, num_classes), class 0 = background."""
+    def predict(self, x: np.ndarray, backend: str = "numba", layout: str = "NHWC",
+                color: str = "RGB", scale: str = "[-1,1]") -> np.ndarray:
+        """Class probabilities: (N, H, W, 3) -> (N, num_classes), class 0 = background.
+
+        By default x is the network's own input (the model card's original
+        interface: NHWC, RGB, [-1, 1]); the card's converted interface is
+        `layout="NCHW", color="BGR", scale="0-255"` (see `interfaces.py`)."""
         if not self.num_classes:
             raise WeightsError(f"{self.source} has no classifier (MobilenetV2/Logits/Conv2d_1c_1x1 "
                                "is absent): predict() needs a full checkpoint; use embed() for "
                                "the 1280-d features")
+        x = to_network_input(x, layout, color, scale)
         return self._forward(x, "Predictions", backend)
 
     def _forward(self, x: np.ndarray, until: str, backend: str) -> np.ndarray:

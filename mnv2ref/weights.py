@@ -11,6 +11,11 @@ model variable at its TF-slim name (`MobilenetV2/Conv/weights`, ...), and on
 the root group the attributes `format` ("mnv2ref-weights"), `format_version`,
 `depth_multiplier`, `num_classes`, `use_ema`, `source_files` and
 `source_sha256` (JSON), `mnv2ref_version`.
+
+The file starts with a 512-byte HDF5 user block (which HDF5 skips) holding
+`mnv2ref-weights sha256 <hex>`: the SHA-256 of everything after it. It is
+checked before the HDF5 library sees the file, because libhdf5 can crash the
+process on a corrupted file instead of reporting an error.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from typing import Mapping
 import numpy as np
 
 from .architecture import PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
-from .errors import WeightsError
+from .errors import Mnv2refError, WeightsError
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 OPTIMIZER_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum", "/Adam", "/Adam_1")
 NON_MODEL_VARIABLES = ("global_step",)
 H5_FORMAT = "mnv2ref-weights"
 H5_FORMAT_VERSION = 1
+USER_BLOCK_SIZE = 512
 
 
 def is_model_variable(name: str) -> bool:
@@ -93,12 +99,33 @@ def shape_problems(variables: Mapping, expected: Mapping) -> list:
     return problems
 
 
-def sha256_of(path: os.PathLike) -> str:
+def sha256_of(path: os.PathLike, start: int = 0) -> str:
+    """SHA-256 of a file's bytes from `start` on, as hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _user_block(digest: str) -> bytes:
+    return f"{H5_FORMAT} sha256 {digest}\n".encode().ljust(USER_BLOCK_SIZE, b"\0")
+
+
+def verify_h5_digest(path: Path) -> None:
+    """Refuse a file that is not ours or whose bytes changed since `write_h5`."""
+    with open(path, "rb") as f:
+        block = f.read(USER_BLOCK_SIZE)
+    words = block.split(b"\n", 1)[0].split()
+    if len(words) != 3 or words[:2] != [H5_FORMAT.encode(), b"sha256"]:
+        raise WeightsError(f"{path}: not an mnv2ref weights file (no '{H5_FORMAT} sha256' header "
+                           "in its first 512 bytes); write it with `mnv2ref convert`")
+    expected = words[2].decode("ascii", "replace")
+    actual = sha256_of(path, USER_BLOCK_SIZE)
+    if actual != expected:
+        raise WeightsError(f"{path}: corrupt or modified weights file: SHA-256 of its contents is "
+                           f"{actual[:16]}..., the header says {expected[:16]}...")
 
 
 def atomic_output(path: os.PathLike, suffix: str = ".tmp"):
@@ -119,13 +146,15 @@ def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path
     path = Path(path)
     tmp = atomic_output(path)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=USER_BLOCK_SIZE) as f:
             for name in sorted(variables):
                 f.create_dataset(name, data=np.asarray(variables[name], dtype=np.float32))
             f.attrs["format"] = H5_FORMAT
             f.attrs["format_version"] = H5_FORMAT_VERSION
             for key, value in attributes.items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        with open(tmp, "r+b") as f:
+            f.write(_user_block(sha256_of(tmp, USER_BLOCK_SIZE)))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -162,6 +191,7 @@ def read_h5(path) -> tuple:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
+    verify_h5_digest(path)
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != H5_FORMAT:
@@ -171,12 +201,16 @@ def read_h5(path) -> tuple:
 
             def collect(name, node):
                 if isinstance(node, h5py.Dataset):
+                    if node.dtype.kind not in "fiu":
+                        raise WeightsError(f"{path}: dataset {name} has dtype {node.dtype}, expected float32")
                     variables[name] = np.asarray(node[()], dtype=np.float32)
 
             f.visititems(collect)
             attributes = {key: _decode_attribute(value) for key, value in f.attrs.items()}
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise WeightsError(f"{path}: cannot read as HDF5 weights ({error})") from None
+    except Mnv2refError:
+        raise
+    except Exception as error:  # h5py turns HDF5 failures into many exception types
+        raise WeightsError(f"{path}: cannot read as HDF5 weights ({type(error).__name__}: {error})") from None
     return variables, attributes
 
 

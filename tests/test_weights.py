@@ -9,7 +9,7 @@ import pytest
 import mnv2ref
 from mnv2ref.architecture import variable_shapes
 from mnv2ref.errors import WeightsError
-from mnv2ref.weights import EMA_SUFFIX, read_h5, select_variables
+from mnv2ref.weights import EMA_SUFFIX, read_h5, select_variables, write_h5
 
 BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
 SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
@@ -73,31 +73,17 @@ def test_ema_selection_rules():
     assert variables["MobilenetV2/a"][0] == 0 and not used_ema
 
 
-def rewrite_h5(source, target, change):
-    with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-
-        def copy(name, node):
-            if isinstance(node, h5py.Dataset):
-                dst.create_dataset(name, data=node[()])
-
-        src.visititems(copy)
-        change(dst)
-    return target
-
-
 def test_bad_h5_files_are_refused_with_the_tensor_named(converted, tmp_path):
+    variables, attributes = read_h5(converted)
+    attributes = {k: v for k, v in attributes.items() if k not in ("format", "format_version")}
     name = "MobilenetV2/expanded_conv_3/expand/weights"
-    missing = rewrite_h5(converted, tmp_path / "missing.h5", lambda f: f.__delitem__(name))
+    missing = write_h5(tmp_path / "missing.h5", {k: v for k, v in variables.items() if k != name},
+                       attributes)
     with pytest.raises(WeightsError, match=name):
         mnv2ref.MobileNetV2.from_h5(missing)
 
-    def reshape(f):
-        del f[name]
-        f.create_dataset(name, data=np.zeros((1, 1, 8, 9), np.float32))
-
-    wrong = rewrite_h5(converted, tmp_path / "wrong.h5", reshape)
+    wrong = write_h5(tmp_path / "wrong.h5", dict(variables, **{name: np.zeros((1, 1, 8, 9))}),
+                     attributes)
     with pytest.raises(WeightsError, match=r"expanded_conv_3/expand/weights has shape \(1, 1, 8, 9\)"):
         mnv2ref.MobileNetV2.from_h5(wrong)
 
@@ -106,6 +92,13 @@ def test_bad_h5_files_are_refused_with_the_tensor_named(converted, tmp_path):
         f.create_dataset("x", data=np.zeros(3))
     with pytest.raises(WeightsError, match="not an mnv2ref weights file"):
         mnv2ref.MobileNetV2.from_h5(not_ours)
+
+    tampered = tmp_path / "tampered.h5"
+    raw = bytearray(converted.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="corrupt or modified"):
+        mnv2ref.MobileNetV2.from_h5(tampered)
 
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not hdf5 at all" * 10)
