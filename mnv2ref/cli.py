@@ -235,6 +235,28 @@ def cmd_plot_activations(args):
                             title=f"{args.layer} of {Path(args.image).name}, {activation[args.layer].shape}"))
 
 
+def cmd_bench(args):
+    from .bench import format_bench, run_bench, write_json
+
+    model = _load_model(args)
+    result = run_bench(model, batches=args.batch, repeat=args.repeat, warmup=args.warmup,
+                       threads=args.threads, backends=args.backends,
+                       peers=False if args.no_peers else (args.peers or True),
+                       progress=not args.quiet, resolution=args.size,
+                       compile_time=False if args.no_compile_time else None)
+    print(format_bench(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"mnv2ref: wrote {args.json}", file=sys.stderr)
+
+
+def cmd_export_onnx(args):
+    from .onnx_export import export_onnx
+
+    model = _load_model(args)
+    print(export_onnx(model, args.out, opset=args.opset, resolution=args.size, endpoints=args.endpoints))
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -309,6 +331,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("layer", help="an endpoint, e.g. layer_3 or layer_3/expansion_output")
     p.add_argument("out", help="output image (.png, .svg, .pdf)")
+
+    p = command("bench", cmd_bench, "time the backends against onnxruntime (and TensorFlow / PyTorch "
+                "if installed), each in its own process")
+    p.add_argument("--weights", "-w", help="an .h5 from `convert` or a TF checkpoint prefix "
+                   "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
+    p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
+                   "instead of their ExponentialMovingAverage")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8], metavar="N",
+                   help="batch sizes (default: 1 8)")
+    p.add_argument("--repeat", type=positive_int, default=20,
+                   help="timed runs per measurement (default 20; the numpy backend at most 5)")
+    p.add_argument("--warmup", type=positive_int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--threads", type=positive_int, nargs="+", metavar="T",
+                   help="thread counts to measure (default: 1 and all CPUs)")
+    p.add_argument("--backends", nargs="+", choices=("numba", "numpy"), default=["numba", "numpy"])
+    p.add_argument("--peers", nargs="+", choices=("onnxruntime", "tensorflow", "torch"),
+                   help="peers to run (default: every one installed)")
+    p.add_argument("--no-peers", action="store_true", help="run no peer")
+    p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
+    p.add_argument("--no-compile-time", action="store_true",
+                   help="skip timing the Numba start-up with a cold and a warm cache")
+    p.add_argument("--json", metavar="FILE", help="also write the whole result as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    p = command("export-onnx", cmd_export_onnx, "write the network as a standard ONNX graph")
+    p.add_argument("out", help="output .onnx file")
+    p.add_argument("--weights", "-w", help="an .h5 from `convert` or a TF checkpoint prefix")
+    p.add_argument("--raw", action="store_true", help="raw variables instead of their moving averages")
+    p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
+    p.add_argument("--opset", type=positive_int, default=13)
+    p.add_argument("--endpoints", action="store_true", help="also output every layer_N endpoint (NHWC)")
     return parser
 
 

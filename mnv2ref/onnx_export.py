@@ -63,17 +63,13 @@ from typing import Optional, Union
 import numpy as np
 
 from .architecture import same_padding
-from .errors import InputError, Mnv2refError
+from .errors import InputError, MissingDependencyError
 
-__all__ = ["export_onnx", "onnx_session", "OnnxUnavailableError", "MIN_OPSET", "INPUT_NAME"]
+__all__ = ["export_onnx", "onnx_session", "MIN_OPSET", "INPUT_NAME"]
 
 MIN_OPSET = 7
 INPUT_NAME = "input"
 INSTALL_HINT = "pip install onnx onnxruntime (or: pip install 'mnv2ref[onnx]')"
-
-
-class OnnxUnavailableError(Mnv2refError):
-    """The optional `onnx` / `onnxruntime` packages are not installed."""
 
 
 def _import_onnx():
@@ -81,7 +77,7 @@ def _import_onnx():
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as error:
-        raise OnnxUnavailableError(f"ONNX export needs the onnx package ({error}): {INSTALL_HINT}") from None
+        raise MissingDependencyError(f"ONNX export needs the onnx package ({error}): {INSTALL_HINT}") from None
     return onnx, TensorProto, helper, numpy_helper
 
 
@@ -288,7 +284,7 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
     try:
         import onnxruntime as ort
     except ImportError as error:
-        raise OnnxUnavailableError(f"running ONNX needs onnxruntime ({error}): {INSTALL_HINT}") from None
+        raise MissingDependencyError(f"running ONNX needs onnxruntime ({error}): {INSTALL_HINT}") from None
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = int(threads)

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 import mnv2ref
-from mnv2ref.onnx_export import OnnxUnavailableError, export_onnx, onnx_session
+from mnv2ref.errors import MissingDependencyError
+from mnv2ref.onnx_export import export_onnx, onnx_session
 
 if os.environ.get("CI") != "true":  # on CI the ONNX packages are required: fail, never skip
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
 
-import onnx  # noqa: E402
+import onnx
 
 TOLERANCE = 5e-5  # max|ours - golden| / max|golden|, float32, as in test_golden.py
 BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
@@ -139,7 +140,7 @@ def test_fixed_batch_and_old_opset(synthetic, tmp_path):
         assert dims == [3, 96, 96, 3]
         out = run(path, x)
         assert relative_error(out["Predictions"], expected) <= 1e-5
-    with pytest.raises(Exception):  # a fixed batch of 3 refuses a batch of 2
+    with pytest.raises(Exception, match="invalid dimensions"):  # a fixed batch of 3 refuses 2
         run(path, x[:2])
 
 
@@ -165,6 +166,6 @@ def test_missing_onnx_is_a_clear_error(backbone, tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnx)
-    with pytest.raises(OnnxUnavailableError, match="pip install onnx onnxruntime"):
+    with pytest.raises(MissingDependencyError, match="pip install onnx onnxruntime"):
         export_onnx(backbone, tmp_path / "m.onnx")
-    assert issubclass(OnnxUnavailableError, mnv2ref.Mnv2refError)
+    assert issubclass(MissingDependencyError, mnv2ref.Mnv2refError)
