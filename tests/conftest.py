@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
+SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,37 @@ def shared_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def backbone_prefix(shared_dir) -> Path:
+    """The real published 1.0/224 weights up to Conv_1 (no classifier)."""
+    return shared_dir / BACKBONE
+
+
+@pytest.fixture(scope="session")
+def synthetic_prefix(shared_dir) -> Path:
+    """A synthetic full 0.35/224 training checkpoint (EMA shadows, RMSProp slots)."""
+    return shared_dir / SYNTHETIC
+
+
+@pytest.fixture(scope="session")
+def backbone(backbone_prefix):
+    import mnv2ref
+
+    return mnv2ref.MobileNetV2.from_checkpoint(backbone_prefix)
+
+
+@pytest.fixture(scope="session")
+def synthetic(synthetic_prefix):
+    import mnv2ref
+
+    return mnv2ref.MobileNetV2.from_checkpoint(synthetic_prefix)
+
+
+@pytest.fixture(scope="session")
+def golden(shared_dir):
+    """golden("backbone_1.0_224_chelsea") -> {endpoint: array} computed by TensorFlow."""
+    from mnv2ref.compare import load_golden
+
+    return lambda name: load_golden(shared_dir / "golden" / f"{name}.npz")

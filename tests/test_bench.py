@@ -10,16 +10,9 @@ import pytest
 import mnv2ref
 from mnv2ref import bench
 
-BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
-SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
 ORT = bench.installed("onnx") and bench.installed("onnxruntime")
 if not ORT and os.environ.get("CI") == "true":
     pytest.fail("onnx and onnxruntime are required on CI", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def backbone(shared_dir):
-    return mnv2ref.MobileNetV2.from_checkpoint(shared_dir / BACKBONE)
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +103,11 @@ def test_worker_env_sets_every_thread_count():
     assert bench.default_threads()[0] == 1
 
 
-@pytest.mark.parametrize("checkpoint", [BACKBONE, SYNTHETIC])
-def test_peer_network_plan_matches_the_model(shared_dir, checkpoint):
+@pytest.mark.parametrize("which", ["backbone", "synthetic"])
+def test_peer_network_plan_matches_the_model(request, which):
     """The folded-weights network the TF / PyTorch peers run, executed with
     NumPy ops: the same walk over the layers must give the model's output."""
-    model = mnv2ref.MobileNetV2.from_checkpoint(shared_dir / checkpoint)
+    model = request.getfixturevalue(which)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 45, 38, 3)).astype(np.float32)
     ops = bench._NumpyOps()
     out = bench._Plan(model, ops).run(ops, x)

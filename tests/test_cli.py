@@ -12,8 +12,6 @@ import pytest
 from mnv2ref.cli import main
 from mnv2ref.resources import EXAMPLE_IMAGE, labels
 
-BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
-SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
 
 
 def run(capsys, *argv):
@@ -27,9 +25,9 @@ def test_labels_are_the_tf_slim_1001():
     assert len(names) == 1001 and names[0] == "background" and names[282] == "tabby"
 
 
-def test_convert_info_classify(shared_dir, tmp_path, capsys):
+def test_convert_info_classify(shared_dir, tmp_path, capsys, backbone_prefix, synthetic_prefix):
     out = tmp_path / "synthetic.h5"
-    code, stdout, _ = run(capsys, "convert", shared_dir / SYNTHETIC, out)
+    code, stdout, _ = run(capsys, "convert", synthetic_prefix, out)
     assert code == 0 and stdout.strip() == str(out) and out.is_file()
 
     code, stdout, _ = run(capsys, "info", out)
@@ -37,7 +35,7 @@ def test_convert_info_classify(shared_dir, tmp_path, capsys):
     assert "MobilenetV2/Logits/Conv2d_1c_1x1/weights\t(1, 1, 1280, 1001)" in stdout
     assert "depth_multiplier=0.35 num_classes=1001" in stdout
 
-    code, stdout, _ = run(capsys, "info", "--json", shared_dir / BACKBONE)
+    code, stdout, _ = run(capsys, "info", "--json", backbone_prefix)
     info = json.loads(stdout)
     assert code == 0 and len(info["variables"]) == 260
 
@@ -52,10 +50,10 @@ def test_convert_info_classify(shared_dir, tmp_path, capsys):
     assert int(top[0].split(":")[0]) == int(probs.argmax())
 
 
-def test_embed_writes_npy(shared_dir, tmp_path, capsys):
+def test_embed_writes_npy(shared_dir, tmp_path, capsys, backbone_prefix):
     out = tmp_path / "emb.npy"
     images = [shared_dir / "images" / "chelsea.png", shared_dir / "images" / "coffee.png"]
-    code, _, _ = run(capsys, "embed", "--weights", shared_dir / BACKBONE, "--backend", "numpy",
+    code, _, _ = run(capsys, "embed", "--weights", backbone_prefix, "--backend", "numpy",
                      *images, "-o", out)
     assert code == 0
     embeddings = np.load(out)
@@ -64,15 +62,15 @@ def test_embed_writes_npy(shared_dir, tmp_path, capsys):
     assert np.abs(embeddings[0] - golden.ravel()).max() / np.abs(golden).max() <= 5e-5
 
 
-def test_classify_with_backbone_says_classifier_is_missing(shared_dir, capsys):
-    code, stdout, stderr = run(capsys, "classify", "--weights", shared_dir / BACKBONE, EXAMPLE_IMAGE)
+def test_classify_with_backbone_says_classifier_is_missing(capsys, backbone_prefix):
+    code, stdout, stderr = run(capsys, "classify", "--weights", backbone_prefix, EXAMPLE_IMAGE)
     assert code == 1 and stdout == ""
     assert stderr.startswith("mnv2ref: error:") and "no classifier" in stderr
     assert len(stderr.strip().splitlines()) == 1
 
 
-def test_demo_with_backbone_prints_trace_and_embedding(shared_dir, capsys):
-    code, stdout, _ = run(capsys, "demo", "--weights", shared_dir / BACKBONE, "--backend", "numpy")
+def test_demo_with_backbone_prints_trace_and_embedding(capsys, backbone_prefix):
+    code, stdout, _ = run(capsys, "demo", "--weights", backbone_prefix, "--backend", "numpy")
     assert code == 0
     for name in ("layer_1 ", "layer_19 ", "global_pool"):
         assert name in stdout
@@ -80,8 +78,8 @@ def test_demo_with_backbone_prints_trace_and_embedding(shared_dir, capsys):
     assert "no classifier" in stdout and "1280-d" in stdout
 
 
-def test_demo_with_full_model_prints_top5(shared_dir, capsys):
-    code, stdout, _ = run(capsys, "demo", "--weights", shared_dir / SYNTHETIC, "--backend", "numpy")
+def test_demo_with_full_model_prints_top5(capsys, synthetic_prefix):
+    code, stdout, _ = run(capsys, "demo", "--weights", synthetic_prefix, "--backend", "numpy")
     assert code == 0 and "top-5:" in stdout
     assert len([line for line in stdout.split("top-5:")[1].splitlines() if "%" in line]) == 5
 

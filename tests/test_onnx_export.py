@@ -7,6 +7,7 @@ import pytest
 
 import mnv2ref
 from mnv2ref.errors import MissingDependencyError
+from mnv2ref.compare import relative_error
 from mnv2ref.onnx_export import export_onnx, onnx_session
 
 if os.environ.get("CI") != "true":  # on CI the ONNX packages are required: fail, never skip
@@ -16,17 +17,6 @@ if os.environ.get("CI") != "true":  # on CI the ONNX packages are required: fail
 import onnx
 
 TOLERANCE = 5e-5  # max|ours - golden| / max|golden|, float32, as in test_golden.py
-BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
-SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
-
-
-def relative_error(ours, golden):
-    return float(np.abs(ours.astype(np.float64) - golden).max() / np.abs(golden).max())
-
-
-def golden(shared_dir, name):
-    with np.load(shared_dir / "golden" / f"{name}.npz") as data:
-        return dict(data)
 
 
 def run(path, x):
@@ -36,23 +26,13 @@ def run(path, x):
 
 
 @pytest.fixture(scope="module")
-def backbone(shared_dir):
-    return mnv2ref.MobileNetV2.from_checkpoint(shared_dir / BACKBONE)
-
-
-@pytest.fixture(scope="module")
-def synthetic(shared_dir):
-    return mnv2ref.MobileNetV2.from_checkpoint(shared_dir / SYNTHETIC)
-
-
-@pytest.fixture(scope="module")
 def backbone_onnx(backbone, tmp_path_factory):
     return export_onnx(backbone, tmp_path_factory.mktemp("onnx") / "backbone.onnx", endpoints=True)
 
 
 @pytest.mark.parametrize("image", ["chelsea", "coffee"])
-def test_backbone_onnx_matches_tensorflow(shared_dir, backbone_onnx, image):
-    expected = golden(shared_dir, f"backbone_1.0_224_{image}")
+def test_backbone_onnx_matches_tensorflow(golden, backbone_onnx, image):
+    expected = golden(f"backbone_1.0_224_{image}")
     out = run(backbone_onnx, expected["input"])
     names = [name for name in expected if name != "input"]
     assert {f"layer_{i}" for i in range(1, 20)} | {"global_pool"} <= set(names)
@@ -69,8 +49,8 @@ def test_backbone_onnx_matches_tensorflow(shared_dir, backbone_onnx, image):
     assert not bad, f"ONNX endpoints off the golden: {bad}"
 
 
-def test_synthetic_onnx_logits_and_predictions(shared_dir, synthetic, tmp_path):
-    expected = golden(shared_dir, "synthetic_0.35_224_chelsea_ema")
+def test_synthetic_onnx_logits_and_predictions(golden, synthetic, tmp_path):
+    expected = golden("synthetic_0.35_224_chelsea_ema")
     path = export_onnx(synthetic, tmp_path / "synthetic.onnx", endpoints=True)
     session = onnx_session(path)
     assert [o.name for o in session.get_outputs()][:3] == ["global_pool", "Logits", "Predictions"]

@@ -16,13 +16,12 @@ import mnv2ref
 from mnv2ref.cli import main
 from mnv2ref.errors import InputError, Mnv2refError, WeightsError
 
-SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model(shared_dir):
-    return mnv2ref.MobileNetV2.from_checkpoint(shared_dir / SYNTHETIC)
+def model(synthetic):
+    return synthetic
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -82,11 +81,11 @@ def test_numpy_backend_is_deterministic(model):
     np.testing.assert_array_equal(a, b)
 
 
-def _probabilities_in_subprocess(shared_dir, tmp_path, backend, threads):
+def _probabilities_in_subprocess(synthetic_prefix, tmp_path, backend, threads):
     out = tmp_path / f"{backend}_{threads}.npy"
     code = (
         "import numpy as np, mnv2ref\n"
-        f"m = mnv2ref.MobileNetV2.from_checkpoint({str(shared_dir / SYNTHETIC)!r})\n"
+        f"m = mnv2ref.MobileNetV2.from_checkpoint({str(synthetic_prefix)!r})\n"
         "x = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)\n"
         f"np.save({str(out)!r}, m.predict(x, backend={backend!r}))\n")
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
@@ -96,13 +95,13 @@ def _probabilities_in_subprocess(shared_dir, tmp_path, backend, threads):
 
 
 @pytest.mark.parametrize("backend,tolerance", [("numpy", 0.0), ("numba", 1e-6)])
-def test_one_and_two_threads_agree(shared_dir, tmp_path, backend, tolerance):
-    one = _probabilities_in_subprocess(shared_dir, tmp_path, backend, 1)
-    two = _probabilities_in_subprocess(shared_dir, tmp_path, backend, 2)
+def test_one_and_two_threads_agree(synthetic_prefix, tmp_path, backend, tolerance):
+    one = _probabilities_in_subprocess(synthetic_prefix, tmp_path, backend, 1)
+    two = _probabilities_in_subprocess(synthetic_prefix, tmp_path, backend, 2)
     assert np.abs(one - two).max() <= tolerance * np.abs(one).max()
 
 
-def test_classify_directory_streams_and_counts_unreadable(shared_dir, tmp_path, capsys):
+def test_classify_directory_streams_and_counts_unreadable(shared_dir, tmp_path, capsys, synthetic_prefix):
     from PIL import Image
 
     folder = tmp_path / "images"
@@ -112,7 +111,7 @@ def test_classify_directory_streams_and_counts_unreadable(shared_dir, tmp_path, 
         Image.fromarray(rgb[i * 10:]).save(folder / f"cat{i}.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "notes.txt").write_text("not an image, and not picked up")
-    code = main(["classify", "--weights", str(shared_dir / SYNTHETIC), "--backend", "numpy",
+    code = main(["classify", "--weights", str(synthetic_prefix), "--backend", "numpy",
                  "--batch-size", "2", "--top", "1", str(folder)])
     out, err = capsys.readouterr()
     assert code == 1
@@ -131,8 +130,8 @@ def test_cli_refuses_bad_numbers(capsys):
 
 
 @pytest.fixture(scope="module")
-def small_h5(shared_dir, tmp_path_factory):
-    return mnv2ref.convert(shared_dir / SYNTHETIC, tmp_path_factory.mktemp("fuzz") / "w.h5")
+def small_h5(synthetic_prefix, tmp_path_factory):
+    return mnv2ref.convert(synthetic_prefix, tmp_path_factory.mktemp("fuzz") / "w.h5")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

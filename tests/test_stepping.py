@@ -8,12 +8,11 @@ import pytest
 import mnv2ref
 from mnv2ref.cli import main
 
-SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
 
 
 @pytest.fixture(scope="module")
-def model(shared_dir):
-    return mnv2ref.MobileNetV2.from_checkpoint(shared_dir / SYNTHETIC)
+def model(synthetic):
+    return synthetic
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +57,9 @@ def test_capture_sees_every_intermediate_in_order(model, x):
     np.testing.assert_array_equal(out, parts["layer_4/projection_output"] + model.run(x, "layer_3"))
 
 
-def test_trace_json_flops_sum_to_cost_total(shared_dir, capsys):
+def test_trace_json_flops_sum_to_cost_total(shared_dir, capsys, synthetic_prefix):
     image = shared_dir / "images" / "coffee.png"
-    assert main(["trace", "--weights", str(shared_dir / SYNTHETIC), "--backend", "numpy",
+    assert main(["trace", "--weights", str(synthetic_prefix), "--backend", "numpy",
                  "--json", str(image)]) == 0
     trace = json.loads(capsys.readouterr().out)
     layers = trace["layers"]
@@ -80,16 +79,16 @@ def test_summary_cli(capsys):
     assert "614,620,118" in capsys.readouterr().out
 
 
-def test_plots(shared_dir, tmp_path, capsys):
+def test_plots(shared_dir, tmp_path, capsys, synthetic_prefix):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cost.png"
     assert main(["plot-cost", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = tmp_path / "maps.png"
-    assert main(["plot-activations", "--weights", str(shared_dir / SYNTHETIC), "--backend", "numpy",
+    assert main(["plot-activations", "--weights", str(synthetic_prefix), "--backend", "numpy",
                  str(shared_dir / "images" / "chelsea.png"), "layer_3/expansion_output", str(out)]) == 0
     assert out.stat().st_size > 1000
     capsys.readouterr()
-    assert main(["plot-activations", "--weights", str(shared_dir / SYNTHETIC), "--backend", "numpy",
+    assert main(["plot-activations", "--weights", str(synthetic_prefix), "--backend", "numpy",
                  str(shared_dir / "images" / "chelsea.png"), "layer_3/nothing", str(out)]) == 1
     assert "no endpoint named" in capsys.readouterr().err

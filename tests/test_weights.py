@@ -11,19 +11,17 @@ from mnv2ref.architecture import variable_shapes
 from mnv2ref.errors import WeightsError
 from mnv2ref.weights import EMA_SUFFIX, read_h5, select_variables, write_h5
 
-BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
-SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
 
 
 @pytest.fixture(scope="module")
-def converted(shared_dir, tmp_path_factory):
+def converted(synthetic_prefix, tmp_path_factory):
     out = tmp_path_factory.mktemp("h5") / "synthetic.h5"
-    assert mnv2ref.convert(shared_dir / SYNTHETIC, out) == out
+    assert mnv2ref.convert(synthetic_prefix, out) == out
     return out
 
 
-def test_convert_writes_ema_values_and_metadata(shared_dir, converted):
-    checkpoint = mnv2ref.read_checkpoint(shared_dir / SYNTHETIC)
+def test_convert_writes_ema_values_and_metadata(converted, synthetic_prefix):
+    checkpoint = mnv2ref.read_checkpoint(synthetic_prefix)
     variables, attributes = read_h5(converted)
     assert set(variables) == set(variable_shapes(0.35, 1001))
     for name, value in variables.items():
@@ -37,25 +35,25 @@ def test_convert_writes_ema_values_and_metadata(shared_dir, converted):
     assert not list(converted.parent.glob(".*.tmp")), "temporary file left behind"
 
 
-def test_convert_raw(shared_dir, tmp_path):
-    out = mnv2ref.convert(shared_dir / SYNTHETIC, tmp_path / "raw.h5", use_ema=False)
-    checkpoint = mnv2ref.read_checkpoint(shared_dir / SYNTHETIC)
+def test_convert_raw(tmp_path, synthetic_prefix):
+    out = mnv2ref.convert(synthetic_prefix, tmp_path / "raw.h5", use_ema=False)
+    checkpoint = mnv2ref.read_checkpoint(synthetic_prefix)
     variables, attributes = read_h5(out)
     assert not attributes["use_ema"]
     name = "MobilenetV2/Conv/weights"
     np.testing.assert_array_equal(variables[name], checkpoint[name])
 
 
-def test_round_trip_gives_bit_identical_endpoints(shared_dir, converted, tmp_path):
+def test_round_trip_gives_bit_identical_endpoints(converted, tmp_path, backbone_prefix, synthetic_prefix):
     x = np.random.default_rng(0).uniform(-1, 1, (1, 96, 80, 3)).astype(np.float32)
-    from_checkpoint = mnv2ref.MobileNetV2.from_checkpoint(shared_dir / SYNTHETIC).endpoints(x)
+    from_checkpoint = mnv2ref.MobileNetV2.from_checkpoint(synthetic_prefix).endpoints(x)
     from_h5 = mnv2ref.MobileNetV2.from_h5(converted).endpoints(x)
     assert from_checkpoint.keys() == from_h5.keys()
     for name in from_h5:
         np.testing.assert_array_equal(from_h5[name], from_checkpoint[name], err_msg=name)
 
-    backbone_h5 = mnv2ref.convert(shared_dir / BACKBONE, tmp_path / "backbone.h5")
-    a = mnv2ref.MobileNetV2.from_checkpoint(shared_dir / BACKBONE).endpoints(x)["global_pool"]
+    backbone_h5 = mnv2ref.convert(backbone_prefix, tmp_path / "backbone.h5")
+    a = mnv2ref.MobileNetV2.from_checkpoint(backbone_prefix).endpoints(x)["global_pool"]
     b = mnv2ref.MobileNetV2.from_h5(backbone_h5).endpoints(x)["global_pool"]
     np.testing.assert_array_equal(a, b)
     assert mnv2ref.MobileNetV2.from_h5(backbone_h5).num_classes == 0
@@ -108,7 +106,7 @@ def test_bad_h5_files_are_refused_with_the_tensor_named(converted, tmp_path):
         mnv2ref.MobileNetV2.from_h5(tmp_path / "absent.h5")
 
 
-def test_failed_convert_leaves_existing_output_untouched(shared_dir, tmp_path):
+def test_failed_convert_leaves_existing_output_untouched(tmp_path):
     out = tmp_path / "keep.h5"
     out.write_bytes(b"precious")
     with pytest.raises(mnv2ref.Mnv2refError):
