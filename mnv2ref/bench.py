@@ -631,7 +631,9 @@ def _runner(backend: str, model, job: dict) -> tuple:
         if backend == "numba":
             import numba
 
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            from .fast import set_num_threads  # imports the kernels first: see GOMP_SPINCOUNT there
+
+            set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             versions["numba"] = numba.__version__
         call = model.predict if output == "Predictions" else model.embed
         return (lambda x: call(x, backend=backend)), versions

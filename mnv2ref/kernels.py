@@ -1,0 +1,693 @@
+"""Numba kernels for the fast path: BatchNorm-folded convolutions with fused
+epilogues, and whole inverted-residual blocks streamed row by row.
+
+Everything here works on NHWC float32 or float64 arrays and computes in the
+dtype of its input, like `layers.py`, the definition of truth the tests hold
+these kernels to. The kernels are compiled with `fastmath=False` (FASTMATH):
+no reassociation, no contraction into fused multiply-adds, no
+flush-to-zero, so every result is a fixed sequence of IEEE operations and
+only the summation order differs from NumPy's (float64 agrees to ~1e-15).
+
+Layout of the work
+------------------
+* A 1x1 convolution is a GEMM, out (P, Cout) = x (P, K) @ W (K, Cout) + b,
+  over P pixels. `_gemm` computes it MR x NR register tile by tile: MR = 4
+  pixels times NR = 16 output channels, summing over K in order. The NR
+  columns of W a tile needs are contiguous because the weights are packed
+  once, at load, into panels (Cout / NR, K, NR), zero-padded to a multiple
+  of NR. Each step of the K loop loads NR weights (two 8-wide vectors in
+  float32), broadcasts MR inputs and does MR*NR multiply-adds into 8
+  (float32) or 16 (float64) vector registers: weights are reused MR times
+  and inputs NR times from registers, which makes the GEMM compute-bound
+  (~80 GFLOP/s per core in float32 with separate multiply and add, against
+  ~30 for the naive out[p, :] += x[p, k] * W[k, :] loop, which loads and
+  stores the output row at every k).
+* The accumulator tile lives in a stack array (`_stack_array`, an LLVM
+  alloca) indexed only by constants after unrolling, so LLVM promotes it to
+  registers, and the superword-level-parallelism (SLP) vectorizer turns
+  each tile row into vector instructions. Numba leaves the SLP vectorizer
+  off by default, so `compile_kernels` compiles every kernel with it on,
+  with explicit signatures (nothing is compiled later without it). Without
+  it the tile runs as scalar code at 1/8 of the speed. (The tile shape
+  matters to LLVM's unrolling heuristics: 6x16 and 4x32 float32 tiles are
+  not promoted and run 15x slower; 4x16 is.)
+* The 3x3 depthwise conv (`_dw_row`) makes one output row from three
+  zero-bordered input rows, DW_CB = 8 channels at a time: those channels'
+  9 taps stay in registers while the row is swept, so each multiply-add
+  costs one load.
+* The stem (3x3, stride 2, 3 input channels) gathers each output row's
+  patches (im2col, Wo x 27) and multiplies them with `_gemm`.
+* `_inverted_residual` streams a whole block: for each output row it
+  expands the one (stride 1) or two (stride 2) new input rows it needs into
+  a ring of three zero-bordered rows, runs the depthwise conv on the ring
+  and projects the result, adding the residual in the epilogue, so the
+  6x-expanded tensor never leaves the cache. It can also write the
+  intermediate tensors, for `endpoints`. Fused and unfused runs of a block
+  do exactly the same arithmetic: same bits.
+
+Every conv adds the bias after its sum, then applies ReLU6 (when asked),
+then adds the residual, in that order, as the unfolded NumPy layers do.
+
+Parallelism: each kernel takes the number of independent tasks to split its
+work into (bands of output rows times the batch, or pixels times output
+channels for a GEMM), run on Numba's threads (`numba.set_num_threads`). The
+split never changes the arithmetic, so any thread count gives the same bits.
+Nothing here calls BLAS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .architecture import same_padding
+
+MR = 4        # pixels per GEMM register tile
+NR = 16       # output channels per GEMM register tile = width of a packed weight panel
+DW_CB = 8     # channels per depthwise register block
+_U3, _U6, _UCB = np.uintp(3), np.uintp(6), np.uintp(DW_CB)  # unsigned loop bounds, see _dw_row
+FASTMATH = False  # IEEE semantics: see the module docstring
+
+DTYPES = (np.float32, np.float64)
+
+# GNU OpenMP (Numba's default threading layer on Linux) makes a thread that
+# reaches a barrier spin ~300000 times before it sleeps. On an idle machine
+# that is what makes 40 short parallel regions per image cheap, but when
+# another process keeps a core busy the spinning threads take the CPU from
+# the ones with work left: measured on 2 cores with one busy process, a
+# 224x224 image went from 11 ms (1 thread: 23 ms) to 400 ms. A 10000-spin
+# limit keeps the idle-machine latency (5.7 ms) and caps the busy case at
+# ~35 ms. libgomp reads this once, when Numba first starts its threads, and
+# an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
+# ---------------------------------------------------------------------------
+# A small stack array: the register tile.
+# ---------------------------------------------------------------------------
+
+@intrinsic
+def _stack_array(typingctx, rows, cols, dtype):
+    """Pointer to `rows * cols` uninitialised elements of `dtype` on the stack.
+
+    Both sizes must be compile-time constants (module-level ints). Unlike
+    np.empty, an alloca provably aliases no argument array, so LLVM can keep
+    it in registers when every index into it is a constant."""
+    if not (isinstance(rows, types.IntegerLiteral) and isinstance(cols, types.IntegerLiteral)):
+        return None
+    count = rows.literal_value * cols.literal_value
+
+    def codegen(context, builder, signature, args):
+        element = context.get_value_type(dtype.dtype)
+        return cgutils.alloca_once(builder, element, size=count)
+
+    return types.CPointer(dtype.dtype)(rows, cols, dtype), codegen
+
+
+# ---------------------------------------------------------------------------
+# 1x1 convolution as a GEMM.
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=FASTMATH)
+def _gemm(x, p0, count, wp, bp, nb0, nb1, out, q0, relu6, res, add_res, pre, store_pre):
+    """out[q0 + p, c] = epilogue(sum_k x[p0 + p, k] * W[k, c] + b[c]) for
+    p < count and the channels c of panels nb0 .. nb1-1.
+
+    x: (P, K) input pixels; wp: (NB, K, NR) packed weights, panel `nb`
+    holding output channels nb*NR .. nb*NR+NR-1; bp: (NB*NR,) packed bias;
+    out, res, pre: (Q, N), with N the true (unpadded) channel count.
+
+    Epilogue per element: v = sum + b; v = relu6(v) if relu6; pre = v if
+    store_pre; v += res if add_res; out = v. The bias is added after the
+    sum, as the unfolded layers add the BatchNorm shift after the conv:
+    starting the sum from a large bias that the products then cancel would
+    carry the bias's magnitude, and its rounding, through every partial sum
+    (measured: 1.5-2x the error on the published weights).
+    """
+    acc = carray(_stack_array(MR, NR, x.dtype), (MR, NR))
+    n = out.shape[1]
+    depth = x.shape[1]
+    zero = x.dtype.type(0)
+    six = x.dtype.type(6)
+    # Panel-major: one K x NR weight panel stays in L1/L2 while every pixel
+    # tile streams past it. (Blocking the pixels as well measured no faster
+    # for the shapes where this kernel is used unfused.) The tile is written
+    # out here rather than in a function of its own: LLVM did not inline that
+    # call, which cost 30% on the short (K = 16..32) expansions.
+    for nb in range(nb0, nb1):
+        n0 = nb * NR
+        cols = min(NR, n - n0)
+        for t in range(0, count, MR):
+            # One MR x NR register tile: pixels p0+t .. p0+t+rows-1.
+            rows = min(MR, count - t)
+            last = p0 + t + rows - 1
+            for r in range(MR):
+                for j in range(NR):
+                    acc[r, j] = 0
+            # Loop order k -> r -> j: one k step loads a row of NR weights
+            # once and uses it for MR pixels; j is innermost and contiguous,
+            # so each tile row becomes NR/8 (float32) vector multiply-adds.
+            # A partial tile re-reads its last valid pixel instead of
+            # branching, and drops those rows at the end.
+            for k in range(depth):
+                for r in range(MR):
+                    xv = x[min(p0 + t + r, last), k]
+                    for j in range(NR):
+                        acc[r, j] += xv * wp[nb, k, j]
+            for r in range(MR):
+                if r >= rows:
+                    break
+                q = q0 + t + r
+                for j in range(NR):
+                    acc[r, j] += bp[n0 + j]
+                if cols == NR:
+                    # Whole-row steps, each a handful of vector instructions.
+                    if relu6:
+                        for j in range(NR):
+                            acc[r, j] = min(max(acc[r, j], zero), six)
+                    if store_pre:
+                        for j in range(NR):
+                            pre[q, n0 + j] = acc[r, j]
+                    if add_res:
+                        for j in range(NR):
+                            acc[r, j] += res[q, n0 + j]
+                    for j in range(NR):
+                        out[q, n0 + j] = acc[r, j]
+                else:
+                    # The last panel of a layer whose width is not a multiple
+                    # of NR: element by element, so nothing past `cols` is
+                    # read or written.
+                    for j in range(NR):
+                        if j < cols:
+                            v = acc[r, j]
+                            if relu6:
+                                v = min(max(v, zero), six)
+                            if store_pre:
+                                pre[q, n0 + j] = v
+                            if add_res:
+                                v += res[q, n0 + j]
+                            out[q, n0 + j] = v
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _pointwise(x, wp, bp, out, relu6, res, add_res, pixel_chunks, panel_chunks):
+    """out = epilogue(x @ W + b) for a whole tensor, x: (P, K) -> out: (P, N).
+
+    The work is split into pixel_chunks x panel_chunks tasks: splitting the
+    pixels suits large images, splitting the output channels (so each thread
+    reads only part of W) suits the 7x7 and 14x14 layers and the logits."""
+    tiles = (x.shape[0] + MR - 1) // MR
+    panels = wp.shape[0]
+    for task in prange(pixel_chunks * panel_chunks):
+        pc = task // panel_chunks
+        nc = task % panel_chunks
+        p0 = pc * tiles // pixel_chunks * MR
+        p1 = min((pc + 1) * tiles // pixel_chunks * MR, x.shape[0])
+        nb0 = nc * panels // panel_chunks
+        nb1 = (nc + 1) * panels // panel_chunks
+        if p1 > p0 and nb1 > nb0:
+            _gemm(x, p0, p1 - p0, wp, bp, nb0, nb1, out, p0, relu6, res, add_res, out, False)
+
+
+# ---------------------------------------------------------------------------
+# The stem: a full 3x3 stride-2 conv on the image, via im2col + the GEMM tile.
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _stem(x, wp, bp, ksize, stride, out, chunks):
+    """out = relu6(conv2d(x, W, stride, SAME) + b).
+
+    x: (N, H, W, Cin); wp: (NB, ksize*ksize*Cin, NR) packed from the
+    (k, k, Cin, Cout) kernel flattened in (i, j, c) order; out: (N, Ho, Wo, Cout).
+    Each task owns a band of output rows of one image; for every row it
+    gathers the Wo patches into `patches` (Wo, k*k*Cin), zero where the
+    window hangs over the TF SAME padding, and multiplies them by W.
+    """
+    n_img, h, w, cin = x.shape
+    ho, wo = out.shape[1], out.shape[2]
+    top = max((ho - 1) * stride + ksize - h, 0) // 2
+    left = max((wo - 1) * stride + ksize - w, 0) // 2
+    zero = x.dtype.type(0)
+    per_image = chunks // n_img
+    for task in prange(chunks):
+        img = task // per_image
+        band = task % per_image
+        oy0 = band * ho // per_image
+        oy1 = (band + 1) * ho // per_image
+        patches = np.empty((wo, ksize * ksize * cin), x.dtype)
+        run = ksize * cin  # one kernel row of a patch: contiguous in x
+        for oy in range(oy0, oy1):
+            for i in range(ksize):
+                iy = oy * stride + i - top
+                row_inside = 0 <= iy < h
+                src = x[img, min(max(iy, 0), h - 1)].reshape(w * cin)
+                for ox in range(wo):
+                    ix0 = ox * stride - left
+                    dst = i * run
+                    if row_inside and ix0 >= 0 and ix0 + ksize <= w:
+                        # Interior: copy ksize * cin contiguous values.
+                        for e in range(run):
+                            patches[ox, dst + e] = src[ix0 * cin + e]
+                    else:
+                        # Border: zero where the window leaves the image.
+                        for j in range(ksize):
+                            inside = row_inside and 0 <= ix0 + j < w
+                            for c in range(cin):
+                                patches[ox, dst + j * cin + c] = src[(ix0 + j) * cin + c] if inside else zero
+            row = out[img, oy]
+            _gemm(patches, 0, wo, wp, bp, 0, wp.shape[0], row, 0, True, row, False, row, False)
+
+
+# ---------------------------------------------------------------------------
+# 3x3 depthwise convolution, one output row at a time.
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dw_row(r0, r1, r2, col0, stride, wd, bd, out, relu6):
+    """One output row of a 3x3 depthwise conv + bias (+ ReLU6).
+
+    r0, r1, r2: (Wb, C) the input rows under kernel rows 0, 1, 2, each with
+    zero columns where the window leaves the image; output column ox reads
+    buffer columns ox*stride + col0 + (0, 1, 2). wd: (9, C) taps in (i, j)
+    order; bd: (C,); out: (Wo, C). The 9 products are summed in (i, j)
+    order, like `layers.depthwise_conv2d`, and the bias added last.
+    """
+    wo, c_all = out.shape
+    w = carray(_stack_array(9, DW_CB, wd.dtype), (9, DW_CB))
+    acc = carray(_stack_array(1, DW_CB, wd.dtype), (DW_CB,))
+    zero = wd.dtype.type(0)
+    six = wd.dtype.type(6)
+    blocked = c_all - c_all % DW_CB
+    # Channel blocks outermost: the block's 9 x DW_CB taps are loaded into
+    # registers once and reused for the whole row, so each multiply-add
+    # costs one load. The tap loops use unsigned indices (_U3, _UCB, ...):
+    # Numba adds negative-index wraparound code to every signed index, which
+    # here cost a third of the time. (Computing 2 or 4 pixels per step to
+    # interleave their add chains measured slower.)
+    for c0 in range(0, blocked, DW_CB):
+        for t in range(9):
+            for c in range(DW_CB):
+                w[t, c] = wd[t, c0 + c]
+        cu = np.uintp(c0)
+        for ox in range(wo):
+            col = np.uintp(ox * stride + col0)
+            for c in range(DW_CB):
+                acc[c] = 0
+            for j in range(_U3):
+                for c in range(_UCB):
+                    acc[c] += r0[col + j, cu + c] * w[j, c]
+            for j in range(_U3):
+                for c in range(_UCB):
+                    acc[c] += r1[col + j, cu + c] * w[_U3 + j, c]
+            for j in range(_U3):
+                for c in range(_UCB):
+                    acc[c] += r2[col + j, cu + c] * w[_U6 + j, c]
+            # Epilogue as whole-block steps ending in one contiguous store,
+            # the shape LLVM's SLP vectorizer recognises.
+            for c in range(DW_CB):
+                acc[c] += bd[c0 + c]
+            if relu6:
+                for c in range(DW_CB):
+                    acc[c] = min(max(acc[c], zero), six)
+            for c in range(DW_CB):
+                out[ox, c0 + c] = acc[c]
+    # Leftover channels (never in MobileNetV2, whose widths are multiples of 8).
+    for c in range(blocked, c_all):
+        for ox in range(wo):
+            col = ox * stride + col0
+            v = zero
+            for j in range(3):
+                v += r0[col + j, c] * wd[j, c]
+            for j in range(3):
+                v += r1[col + j, c] * wd[3 + j, c]
+            for j in range(3):
+                v += r2[col + j, c] * wd[6 + j, c]
+            v += bd[c]
+            if relu6:
+                v = min(max(v, zero), six)
+            out[ox, c] = v
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _copy_rows(src, src_row, dst, dst_row, rows):
+    """dst[dst_row : dst_row + rows] = src[src_row : src_row + rows] for two
+    (R, C) C-contiguous arrays with the same C, as one flat unsigned loop."""
+    length = np.uintp(rows * src.shape[1])
+    s = src.reshape(src.size)
+    d = dst.reshape(dst.size)
+    s0 = np.uintp(src_row * src.shape[1])
+    d0 = np.uintp(dst_row * dst.shape[1])
+    for e in range(length):
+        d[d0 + e] = s[s0 + e]
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _depthwise(x, wd, bd, stride, relu6, out, chunks):
+    """out = relu6(depthwise_conv2d(x, W, stride, SAME) + b), 3x3.
+
+    x: (N, H, W, C); wd: (9, C); bd: (C,); out: (N, Ho, Wo, C).
+    Input rows are copied into a 3-row ring of zero-bordered buffers
+    (W + 2, C), each row once per task, so `_dw_row` needs no bounds checks.
+    """
+    n_img, h, w, c_all = x.shape
+    ho = out.shape[1]
+    wo = out.shape[2]
+    top = max((ho - 1) * stride + 3 - h, 0) // 2
+    left = max((wo - 1) * stride + 3 - w, 0) // 2
+    per_image = chunks // n_img
+    for task in prange(chunks):
+        img = task // per_image
+        band = task % per_image
+        oy0 = band * ho // per_image
+        oy1 = (band + 1) * ho // per_image
+        ring = np.zeros((3, w + 2, c_all), x.dtype)
+        zrow = np.zeros((w + 2, c_all), x.dtype)
+        held = np.full(3, -1, np.int64)  # input row held by each ring slot
+        for oy in range(oy0, oy1):
+            for i in range(3):
+                iy = oy * stride + i - top
+                if 0 <= iy < h and held[iy % 3] != iy:
+                    _copy_rows(x[img, iy], 0, ring[iy % 3], 1, w)
+                    held[iy % 3] = iy
+            iy = oy * stride - top
+            r0 = ring[iy % 3] if 0 <= iy < h else zrow
+            r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
+            r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
+            _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, out[img, oy], relu6)
+
+
+# ---------------------------------------------------------------------------
+# A whole inverted-residual block, streamed by output rows.
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _inverted_residual(x, we, be, has_expand, wd, bd, wp, bp, stride, residual, out,
+                       exp_out, dw_out, proj_out, capture, chunks):
+    """out = project(depthwise(expand(x))) (+ x), never materialising the
+    expanded tensor unless asked to.
+
+    x: (N, H, W, Cin); we: (NBe, Cin, NR), be: packed expand weights/bias
+    (ignored unless has_expand); wd: (9, Cexp), bd: (Cexp,); wp: (NBp, Cexp, NR),
+    bp: packed projection; out: (N, Ho, Wo, Cout).
+    With `capture` the intermediate endpoints are written too:
+    exp_out (N, H, W, Cexp) if has_expand, dw_out (N, Ho, Wo, Cexp), and
+    proj_out (N, Ho, Wo, Cout), the projection before the residual add, if
+    residual. (Pass any 4-D array of the right dtype when not capturing.)
+
+    Each task owns a band of output rows of one image. Per output row it
+    expands the input rows it has not yet computed (1 for stride 1, 2 for
+    stride 2) into a ring of three zero-bordered rows (W + 2, Cexp), runs the
+    depthwise conv into `dw` (Wo, Cexp) and projects that row into `out`.
+    Neighbouring bands recompute the 1-2 expanded rows they share.
+    """
+    n_img, h, w = x.shape[:3]
+    ho, wo = out.shape[1], out.shape[2]
+    c_exp = wd.shape[1]
+    top = max((ho - 1) * stride + 3 - h, 0) // 2
+    left = max((wo - 1) * stride + 3 - w, 0) // 2
+    per_image = chunks // n_img
+    for task in prange(chunks):
+        img = task // per_image
+        band = task % per_image
+        oy0 = band * ho // per_image
+        oy1 = (band + 1) * ho // per_image
+        # Expanded input rows this band writes to exp_out: each row is
+        # written by exactly one band.
+        own0 = oy0 * stride
+        own1 = h if oy1 == ho else oy1 * stride
+        ring = np.zeros((3, w + 2, c_exp), x.dtype)
+        zrow = np.zeros((w + 2, c_exp), x.dtype)
+        dw = np.empty((wo, c_exp), x.dtype)
+        held = np.full(3, -1, np.int64)
+        for oy in range(oy0, oy1):
+            for i in range(3):
+                iy = oy * stride + i - top
+                if 0 <= iy < h and held[iy % 3] != iy:
+                    slot = ring[iy % 3]
+                    src = x[img, iy]
+                    if has_expand:
+                        # Expanded pixel ix lands in buffer column ix + 1.
+                        _gemm(src, 0, w, we, be, 0, we.shape[0], slot, 1, True, slot, False, slot, False)
+                        if capture and own0 <= iy < own1:
+                            _copy_rows(slot, 1, exp_out[img, iy], 0, w)
+                    else:
+                        _copy_rows(src, 0, slot, 1, w)
+                    held[iy % 3] = iy
+            iy = oy * stride - top
+            r0 = ring[iy % 3] if 0 <= iy < h else zrow
+            r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
+            r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
+            _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, dw, True)
+            if capture:
+                _copy_rows(dw, 0, dw_out[img, oy], 0, wo)
+            row = out[img, oy]
+            # The residual is read from the block input, same row and columns.
+            shortcut = x[img, oy] if residual else row
+            pre = proj_out[img, oy] if capture and residual else row
+            _gemm(dw, 0, wo, wp, bp, 0, wp.shape[0], row, 0, False, shortcut, residual,
+                  pre, capture and residual)
+
+
+# ---------------------------------------------------------------------------
+# Global average pool.
+# ---------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=FASTMATH)
+def _global_avg_pool(x, out):
+    """out[n, c] = mean of x[n, :, :, c]. x: (N, H, W, C); out: (N, C).
+    Sums in the input dtype, pixel by pixel (vectorised over channels)."""
+    n_img, h, w, c_all = x.shape
+    for img in range(n_img):
+        for c in range(c_all):
+            out[img, c] = 0
+        for iy in range(h):
+            for ix in range(w):
+                for c in range(c_all):
+                    out[img, c] += x[img, iy, ix, c]
+        for c in range(c_all):
+            out[img, c] /= h * w
+
+
+# ---------------------------------------------------------------------------
+# Compilation: explicit signatures, with the SLP vectorizer on.
+# ---------------------------------------------------------------------------
+
+def _signatures(dtype) -> dict:
+    f = numba.from_dtype(np.dtype(dtype))
+    a1, a2, a3, a4 = (types.Array(f, nd, "C") for nd in (1, 2, 3, 4))
+    i, b = types.int64, types.boolean
+    return {
+        _pointwise: (a2, a3, a1, a2, b, a2, b, i, i),
+        _stem: (a4, a3, a1, i, i, a4, i),
+        _depthwise: (a4, a2, a1, i, b, a4, i),
+        _inverted_residual: (a4, a3, a1, b, a2, a1, a3, a1, i, b, a4, a4, a4, a4, b, i),
+        _global_avg_pool: (a4, a2),
+    }
+
+
+_compiled = set()
+_compile_lock = threading.Lock()
+
+
+def compile_kernels(dtype=np.float32) -> None:
+    """Compile (or load from Numba's on-disk cache) every kernel for `dtype`.
+
+    Done once per dtype per process, with Numba's SLP vectorizer switched on
+    for the duration (it is off by default, and the register tiles rely on
+    it). The switch is made under Numba's global compiler lock, so no other
+    compilation in the process sees it. Afterwards the kernels' compilation
+    is disabled: a lazily compiled specialisation would lack the SLP
+    vectorizer (and be saved to the on-disk cache for later processes), so
+    a call with unexpected argument types raises a TypeError instead."""
+    dtype = np.dtype(dtype).type
+    if dtype in _compiled:
+        return
+    from numba.core.compiler_lock import global_compiler_lock
+
+    with _compile_lock:
+        if dtype in _compiled:
+            return
+        signatures = _signatures(dtype)
+        with global_compiler_lock:
+            saved = numba.config.SLP_VECTORIZE
+            numba.config.SLP_VECTORIZE = 1
+            try:
+                for kernel, signature in signatures.items():
+                    kernel.disable_compile(False)
+                    kernel.compile(signature)
+            finally:
+                numba.config.SLP_VECTORIZE = saved
+                for kernel in signatures:
+                    if kernel.signatures:
+                        kernel.disable_compile()
+        _compiled.add(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Packed weights and the Python-level kernels.
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Packed:
+    """Folded weights and bias in the layout a kernel wants.
+
+    kind "gemm": w (ceil(N/NR), K, NR), b (ceil(N/NR)*NR,), zero-padded; used for
+    1x1 convs (K = Cin), the stem (K = k*k*Cin, (i, j, c) order) and the logits.
+    kind "depthwise": w (k*k, C), b (C,).
+    """
+
+    kind: str
+    w: np.ndarray
+    b: np.ndarray
+    cout: int
+    ksize: int = 1
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+
+def pack_gemm(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> Packed:
+    """Pack (k, k, Cin, Cout) or (Cin, Cout) weights and a (Cout,) bias into
+    NR-wide panels: w[nb, kk, j] = W[kk, nb*NR + j] with kk over (i, j, c)."""
+    ksize = weights.shape[0] if weights.ndim == 4 else 1
+    cout = weights.shape[-1]
+    flat = np.asarray(weights, dtype).reshape(-1, cout)
+    panels = -(-cout // NR)
+    padded = np.zeros((flat.shape[0], panels * NR), dtype)
+    padded[:, :cout] = flat
+    w = np.ascontiguousarray(padded.reshape(flat.shape[0], panels, NR).transpose(1, 0, 2))
+    b = np.zeros(panels * NR, dtype)
+    b[:cout] = np.asarray(bias, dtype)
+    return Packed("gemm", w, b, cout, ksize)
+
+
+def pack_depthwise(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> Packed:
+    """(3, 3, C, 1) depthwise weights -> (9, C) taps in (i, j) order."""
+    k, _, c, _ = weights.shape
+    if k != 3:
+        raise ValueError(f"depthwise kernels are 3x3, got {k}x{k}")
+    w = np.ascontiguousarray(np.asarray(weights, dtype).reshape(k * k, c))
+    return Packed("depthwise", w, np.ascontiguousarray(np.asarray(bias, dtype)), c, k)
+
+
+def _threads() -> int:
+    return numba.get_num_threads()
+
+
+def bands_per_image(batch: int, rows: int, threads: int = 0) -> int:
+    """How many row bands to cut each image into so that batch * bands tasks
+    divide evenly over the threads (1 when the batch alone does)."""
+    threads = threads or _threads()
+    return max(1, min(rows, threads // math.gcd(batch, threads)))
+
+
+def _contiguous(x: np.ndarray, dtype) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _require(condition: bool, message: str) -> None:
+    """The kernels run without bounds checks: refuse mismatched shapes here."""
+    if not condition:
+        raise ValueError(message)
+
+
+def pointwise_conv(x: np.ndarray, packed: Packed, relu6: bool = True, residual=None,
+                   pixel_chunks: int = 0, panel_chunks: int = 1) -> np.ndarray:
+    """1x1 conv + bias (+ ReLU6) (+ residual): (..., Cin) -> (..., Cout)."""
+    compile_kernels(packed.dtype)
+    x = _contiguous(x, packed.dtype)
+    _require(packed.kind == "gemm" and x.shape[-1] == packed.w.shape[1],
+             f"input has {x.shape[-1]} channels, weights expect {packed.w.shape[1]}")
+    flat = x.reshape(-1, x.shape[-1])
+    out = np.empty((flat.shape[0], packed.cout), packed.dtype)
+    if residual is None:
+        res, add_res = out, False
+    else:
+        _require(residual.shape == (*x.shape[:-1], packed.cout),
+                 f"residual shape {residual.shape} is not the output's")
+        res, add_res = _contiguous(residual, packed.dtype).reshape(out.shape), True
+    pixel_chunks = pixel_chunks or max(1, min(_threads(), -(-flat.shape[0] // MR)))
+    _pointwise(flat, packed.w, packed.b, out, relu6, res, add_res, pixel_chunks, panel_chunks)
+    return out.reshape(*x.shape[:-1], packed.cout)
+
+
+def stem_conv(x: np.ndarray, packed: Packed, stride: int = 2) -> np.ndarray:
+    """Full k x k conv, TF SAME padding, + bias + ReLU6: (N, H, W, Cin) -> (N, Ho, Wo, Cout)."""
+    compile_kernels(packed.dtype)
+    x = _contiguous(x, packed.dtype)
+    n, h, w, cin = x.shape
+    _require(packed.kind == "gemm" and packed.ksize ** 2 * cin == packed.w.shape[1] and stride >= 1,
+             f"a {packed.ksize}x{packed.ksize} conv with {packed.w.shape[1]} inputs per window "
+             f"cannot take {cin} channels")
+    ho, wo = same_padding(h, packed.ksize, stride)[2], same_padding(w, packed.ksize, stride)[2]
+    out = np.empty((n, ho, wo, packed.cout), packed.dtype)
+    _stem(x, packed.w, packed.b, packed.ksize, stride, out, n * bands_per_image(n, ho))
+    return out
+
+
+def depthwise_conv(x: np.ndarray, packed: Packed, stride: int = 1, relu6: bool = True) -> np.ndarray:
+    """3x3 depthwise conv, TF SAME padding, + bias (+ ReLU6): (N, H, W, C) -> (N, Ho, Wo, C)."""
+    compile_kernels(packed.dtype)
+    x = _contiguous(x, packed.dtype)
+    n, h, w, c = x.shape
+    _require(packed.kind == "depthwise" and c == packed.cout and stride >= 1,
+             f"input has {c} channels, depthwise weights {packed.cout}")
+    ho, wo = same_padding(h, 3, stride)[2], same_padding(w, 3, stride)[2]
+    out = np.empty((n, ho, wo, c), packed.dtype)
+    _depthwise(x, packed.w, packed.b, stride, relu6, out, n * bands_per_image(n, ho))
+    return out
+
+
+def inverted_residual(x: np.ndarray, expand, depthwise: Packed, project: Packed, stride: int,
+                      residual: bool, capture: bool = False, bands: int = 0):
+    """A fused inverted-residual block: (N, H, W, Cin) -> (N, Ho, Wo, Cout).
+
+    expand: Packed or None (t = 1 blocks). With `capture`, returns
+    (out, expansion or None, depthwise, projection or None), the projection
+    being the block output before the residual add."""
+    dtype = depthwise.dtype
+    compile_kernels(dtype)
+    x = _contiguous(x, dtype)
+    n, h, w, cin = x.shape
+    ho, wo = same_padding(h, 3, stride)[2], same_padding(w, 3, stride)[2]
+    c_exp, c_out = depthwise.cout, project.cout
+    _require((expand.w.shape[1] == cin and expand.cout == c_exp) if expand is not None else cin == c_exp,
+             f"block input has {cin} channels; expand/depthwise weights do not match")
+    _require(project.w.shape[1] == c_exp and stride >= 1, "projection weights do not match the block")
+    _require(not residual or (stride == 1 and cin == c_out), "a residual block keeps its shape")
+    out = np.empty((n, ho, wo, c_out), dtype)
+    has_expand = expand is not None
+    if not has_expand:
+        expand = project  # any array of the right type; unused
+    if capture:
+        exp_out = np.empty((n, h, w, c_exp), dtype) if has_expand else out
+        dw_out = np.empty((n, ho, wo, c_exp), dtype)
+        proj_out = np.empty((n, ho, wo, c_out), dtype) if residual else out
+    else:
+        exp_out = dw_out = proj_out = out
+    bands = bands or bands_per_image(n, ho)
+    _inverted_residual(x, expand.w, expand.b, has_expand, depthwise.w, depthwise.b, project.w,
+                       project.b, stride, residual, out, exp_out, dw_out, proj_out, capture,
+                       n * bands)
+    if not capture:
+        return out
+    return (out, exp_out if has_expand else None, dw_out, proj_out if residual else None)
+
+
+def global_avg_pool(x: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) -> (N, 1, 1, C), summed in x's dtype."""
+    compile_kernels(x.dtype)
+    x = np.ascontiguousarray(x)
+    out = np.empty((x.shape[0], x.shape[3]), x.dtype)
+    _global_avg_pool(x, out)
+    return out.reshape(x.shape[0], 1, 1, x.shape[3])
