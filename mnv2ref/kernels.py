@@ -13,30 +13,38 @@ from NumPy's (float64 agrees to ~1e-15, float32 to ~1e-6 of the range).
 Layout of the work
 ------------------
 * A 1x1 convolution is a GEMM, out (P, Cout) = x (P, K) @ W (K, Cout) + b,
-  over P pixels. `_gemm` computes it MR x NR register tile by tile: MR = 4
-  pixels times NR = 16 output channels, summing over K in order. The NR
-  columns of W a tile needs are contiguous because the weights are packed
-  once, at load, into panels (Cout / NR, K, NR), zero-padded to a multiple
-  of NR. Each step of the K loop loads NR weights (two 8-wide vectors in
-  float32), broadcasts MR inputs and does MR*NR multiply-adds into 8
-  (float32) or 16 (float64) vector registers: weights are reused MR times
-  and inputs NR times from registers, which makes the GEMM compute-bound
-  (~80 GFLOP/s per core in float32 with separate multiply and add, against
-  ~30 for the naive out[p, :] += x[p, k] * W[k, :] loop, which loads and
-  stores the output row at every k).
+  over P pixels. `_gemm` computes it register tile by register tile:
+  MR = 4 pixels times NR2 = 32 output channels, summing over K in order.
+  The weights are packed once, at load, into panels (Cout / NR, K, NR) of
+  NR = 16 columns, zero-padded to a multiple of NR, and a tile spans two
+  neighbouring panels (a lone last panel is covered for 2*MR pixels
+  instead). Each step of the K loop loads NR weights from each panel (one
+  16-wide vector each in float32), broadcasts MR inputs and does 8 vector
+  multiply-adds into 8 accumulators (16 in float64): weights are reused MR
+  times and inputs 32 times from registers, and 8 independent chains hide
+  the FMA latency, which makes the GEMM compute-bound.
+* 512-bit vectors: LLVM's tuning for AVX-512 cores such as Rocket Lake
+  prefers 256-bit vectors, which halves the peak of cores with two 512-bit
+  FMA units. `_wide_vectors` lifts that preference for the functions that
+  call it (the GEMM tile and the depthwise row), by function attribute:
+  Numba's configuration and every other function in the process are left
+  alone. Measured on the 2-core Rocket Lake, float32, 1 thread: the GEMM
+  went from ~100 GFLOP/s (4x16 tile in ymm registers) to 130-180, the
+  224x224 network from 9.2 to ~6.5 ms.
 * The accumulator tile lives in a stack array (`_stack_array`, an LLVM
   alloca) indexed only by constants after unrolling, so LLVM promotes it to
   registers, and the superword-level-parallelism (SLP) vectorizer turns
   each tile row into vector instructions. Numba leaves the SLP vectorizer
   off by default, so `compile_kernels` compiles every kernel with it on,
   with explicit signatures (nothing is compiled later without it). Without
-  it the tile runs as scalar code at 1/8 of the speed. (The tile shape
-  matters to LLVM's unrolling heuristics: 6x16 and 4x32 float32 tiles are
-  not promoted and run 15x slower; 4x16 is.)
+  it the tile runs as scalar code at 1/8 of the speed. The tile's rows are
+  written out by hand in the K loop: left to LLVM's unroller, a loop over
+  6 or 8 rows (or 4 rows of 32) stayed rolled, the tile was not promoted
+  and ran ~20x slower.
 * The 3x3 depthwise conv (`_dw_row`) makes one output row from three
-  zero-bordered input rows, DW_CB = 8 channels at a time: those channels'
-  9 taps stay in registers while the row is swept, so each multiply-add
-  costs one load.
+  zero-bordered input rows, DW_CB = 16 channels (one 512-bit vector) at a
+  time: those channels' 9 taps stay in registers while the row is swept,
+  so each multiply-add costs one load.
 * The stem (3x3, stride 2, 3 input channels) gathers each output row's
   patches (im2col, Wo x 27) and multiplies them with `_gemm`.
 * `_inverted_residual` streams a whole block: for each output row it
@@ -72,10 +80,29 @@ from numba.extending import intrinsic
 
 from .architecture import same_padding
 
+
+def _avx512_target() -> bool:
+    """Does Numba compile for a CPU with AVX-512? (Its feature string, read
+    as Numba's code generator reads it: NUMBA_CPU_FEATURES or the host's.)"""
+    from numba.core.codegen import get_host_cpu_features
+
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = get_host_cpu_features()
+    return "+avx512f" in features.split(",")
+
+
+# With AVX-512 (32 vector registers of 16 floats) the GEMM tile spans two
+# weight panels and the depthwise blocks are 16 channels wide; with AVX2
+# (16 registers of 8) those sizes would need more registers than there are
+# (measured, AVX2 target: the GEMM at 60 GFLOP/s instead of 100), so there
+# a tile covers one panel and a depthwise block 8 channels.
+WIDE = _avx512_target()
 MR = 4        # pixels per GEMM register tile
-NR = 16       # output channels per GEMM register tile = width of a packed weight panel
-DW_CB = 8     # channels per depthwise register block
-_U3, _U6, _UCB = np.uintp(3), np.uintp(6), np.uintp(DW_CB)  # unsigned loop bounds, see _dw_row
+NR = 16       # width of a packed weight panel (output channels)
+NR2 = 2 * NR  # output channels per GEMM register tile with WIDE: two panels
+DW_CB = 16 if WIDE else 8  # channels per depthwise register block
+_U3, _U6, _U9, _UCB = np.uintp(3), np.uintp(6), np.uintp(9), np.uintp(DW_CB)  # unsigned loop bounds, see _dw_row
 FASTMATH = {"contract"}  # fused multiply-add only: see the module docstring
 
 DTYPES = (np.float32, np.float64)
@@ -115,6 +142,27 @@ def _stack_array(typingctx, rows, cols, dtype):
     return types.CPointer(dtype.dtype)(rows, cols, dtype), codegen
 
 
+@intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM use 512-bit vectors in the calling function.
+
+    LLVM's tuning for AVX-512 cores such as Rocket Lake prefers 256-bit
+    vectors ("prefer-vector-width"=256), so the SLP vectorizer never forms
+    zmm operations. These two function attributes lift that for the one
+    function that calls this, leaving Numba's configuration and every other
+    function alone; on a CPU without AVX-512 they change nothing (the
+    legaliser splits the vectors again). Measured on the GEMM tile: 4x32
+    float32 in zmm registers 170 GFLOP/s, against 102 for 4x16 in ymm."""
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        # llvmlite's attribute set knows no string attributes: add them raw.
+        set.add(attributes, '"prefer-vector-width"="512"')
+        set.add(attributes, '"min-legal-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 # ---------------------------------------------------------------------------
 # 1x1 convolution as a GEMM.
 # ---------------------------------------------------------------------------
@@ -135,69 +183,140 @@ def _gemm(x, p0, count, wp, bp, nb0, nb1, out, q0, relu6, res, add_res, pre, sto
     carry the bias's magnitude, and its rounding, through every partial sum
     (measured: 1.5-2x the error on the published weights).
     """
-    acc = carray(_stack_array(MR, NR, x.dtype), (MR, NR))
+    _wide_vectors()
+    acc = carray(_stack_array(MR, NR2, x.dtype), (MR, NR2))
     n = out.shape[1]
     depth = x.shape[1]
     zero = x.dtype.type(0)
     six = x.dtype.type(6)
-    # Panel-major: one K x NR weight panel stays in L1/L2 while every pixel
-    # tile streams past it. (Blocking the pixels as well measured no faster
-    # for the shapes where this kernel is used unfused.) The tile is written
-    # out here rather than in a function of its own: LLVM did not inline that
-    # call, which cost 30% on the short (K = 16..32) expansions.
-    for nb in range(nb0, nb1):
-        n0 = nb * NR
-        cols = min(NR, n - n0)
-        for t in range(0, count, MR):
-            # One MR x NR register tile: pixels p0+t .. p0+t+rows-1.
-            rows = min(MR, count - t)
-            last = p0 + t + rows - 1
+    # Panel-pair-major: two K x NR weight panels stay in L1/L2 while every
+    # pixel tile streams past them. (Blocking the pixels as well measured no
+    # faster for the shapes where this kernel is used unfused.) The tile is
+    # written out here rather than in a function of its own: LLVM did not
+    # inline that call, which cost 30% on the short (K = 16..32) expansions.
+    for nb in range(nb0, nb1, 2 if WIDE else 1):
+        # With WIDE, a tile spans panels nb and nb + 1 for MR pixels; a lone
+        # last panel (the 16- and 144-wide layers, the logits) is instead
+        # covered for 2*MR pixels, the second MR in the tile's right half:
+        # the same 8 accumulators, so the same latency hiding (computing the
+        # lone panel twice measured 25% slower on those layers). Without
+        # WIDE every tile is MR pixels x one panel: 8 ymm accumulators.
+        pair = WIDE and nb + 1 < nb1
+        step = 2 * MR if WIDE and not pair else MR
+        for t in range(0, count, step):
+            # Pixels p0+t .. of this tile. A partial tile re-reads its last
+            # valid pixel instead of branching, and drops those rows at the end.
+            last = p0 + min(t + step, count) - 1
+            i0 = p0 + t
+            i1 = min(i0 + 1, last)
+            i2 = min(i0 + 2, last)
+            i3 = min(i0 + 3, last)
             for r in range(MR):
-                for j in range(NR):
+                for j in range(NR2):
                     acc[r, j] = 0
-            # Loop order k -> r -> j: one k step loads a row of NR weights
-            # once and uses it for MR pixels; j is innermost and contiguous,
-            # so each tile row becomes NR/8 (float32) vector multiply-adds.
-            # A partial tile re-reads its last valid pixel instead of
-            # branching, and drops those rows at the end.
-            for k in range(depth):
-                for r in range(MR):
-                    xv = x[min(p0 + t + r, last), k]
+            # One k step loads a row of NR weights from each panel (one
+            # 16-wide vector each in float32) and 4 pixels' inputs, and does
+            # 8 vector multiply-adds into 8 accumulators: enough independent
+            # chains to hide the FMA latency. The rows are written out by
+            # hand: LLVM's unroller left a 6- or 8-row loop rolled, and the
+            # tile then lived in memory at 1/20 of the speed.
+            if pair:
+                for k in range(depth):
+                    x0 = x[i0, k]
+                    x1 = x[i1, k]
+                    x2 = x[i2, k]
+                    x3 = x[i3, k]
                     for j in range(NR):
-                        acc[r, j] += xv * wp[nb, k, j]
-            for r in range(MR):
-                if r >= rows:
+                        wa = wp[nb, k, j]
+                        wb = wp[nb + 1, k, j]
+                        acc[0, j] += x0 * wa
+                        acc[1, j] += x1 * wa
+                        acc[2, j] += x2 * wa
+                        acc[3, j] += x3 * wa
+                        acc[0, NR + j] += x0 * wb
+                        acc[1, NR + j] += x1 * wb
+                        acc[2, NR + j] += x2 * wb
+                        acc[3, NR + j] += x3 * wb
+            elif not WIDE:
+                for k in range(depth):
+                    x0 = x[i0, k]
+                    x1 = x[i1, k]
+                    x2 = x[i2, k]
+                    x3 = x[i3, k]
+                    for j in range(NR):
+                        wa = wp[nb, k, j]
+                        acc[0, j] += x0 * wa
+                        acc[1, j] += x1 * wa
+                        acc[2, j] += x2 * wa
+                        acc[3, j] += x3 * wa
+            else:
+                i4 = min(i0 + 4, last)
+                i5 = min(i0 + 5, last)
+                i6 = min(i0 + 6, last)
+                i7 = min(i0 + 7, last)
+                for k in range(depth):
+                    x0 = x[i0, k]
+                    x1 = x[i1, k]
+                    x2 = x[i2, k]
+                    x3 = x[i3, k]
+                    x4 = x[i4, k]
+                    x5 = x[i5, k]
+                    x6 = x[i6, k]
+                    x7 = x[i7, k]
+                    for j in range(NR):
+                        wa = wp[nb, k, j]
+                        acc[0, j] += x0 * wa
+                        acc[1, j] += x1 * wa
+                        acc[2, j] += x2 * wa
+                        acc[3, j] += x3 * wa
+                        acc[0, NR + j] += x4 * wa
+                        acc[1, NR + j] += x5 * wa
+                        acc[2, NR + j] += x6 * wa
+                        acc[3, NR + j] += x7 * wa
+            for h in range(2):
+                # Half h of the tile: panel nb + h for pixels t .. t+MR-1,
+                # or (lone panel) panel nb for pixels t+MR*h .. t+MR*h+MR-1.
+                if h == 1 and not WIDE:
                     break
-                q = q0 + t + r
-                for j in range(NR):
-                    acc[r, j] += bp[n0 + j]
-                if cols == NR:
-                    # Whole-row steps, each a handful of vector instructions.
-                    if relu6:
-                        for j in range(NR):
-                            acc[r, j] = min(max(acc[r, j], zero), six)
-                    if store_pre:
-                        for j in range(NR):
-                            pre[q, n0 + j] = acc[r, j]
-                    if add_res:
-                        for j in range(NR):
-                            acc[r, j] += res[q, n0 + j]
+                n0 = (nb + h) * NR if pair else nb * NR
+                t0 = t if pair else t + h * MR
+                rows = min(MR, count - t0)
+                if rows <= 0:
+                    break
+                cols = min(NR, n - n0)
+                for r in range(MR):
+                    if r >= rows:
+                        break
+                    q = q0 + t0 + r
                     for j in range(NR):
-                        out[q, n0 + j] = acc[r, j]
-                else:
-                    # The last panel of a layer whose width is not a multiple
-                    # of NR: element by element, so nothing past `cols` is
-                    # read or written.
-                    for j in range(NR):
-                        if j < cols:
-                            v = acc[r, j]
-                            if relu6:
-                                v = min(max(v, zero), six)
-                            if store_pre:
-                                pre[q, n0 + j] = v
-                            if add_res:
-                                v += res[q, n0 + j]
-                            out[q, n0 + j] = v
+                        acc[r, h * NR + j] += bp[n0 + j]
+                    if cols == NR:
+                        # Whole-row steps, each a handful of vector instructions.
+                        if relu6:
+                            for j in range(NR):
+                                acc[r, h * NR + j] = min(max(acc[r, h * NR + j], zero), six)
+                        if store_pre:
+                            for j in range(NR):
+                                pre[q, n0 + j] = acc[r, h * NR + j]
+                        if add_res:
+                            for j in range(NR):
+                                acc[r, h * NR + j] += res[q, n0 + j]
+                        for j in range(NR):
+                            out[q, n0 + j] = acc[r, h * NR + j]
+                    else:
+                        # The last panel of a layer whose width is not a
+                        # multiple of NR: element by element, so nothing past
+                        # `cols` is read or written.
+                        for j in range(NR):
+                            if j < cols:
+                                v = acc[r, h * NR + j]
+                                if relu6:
+                                    v = min(max(v, zero), six)
+                                if store_pre:
+                                    pre[q, n0 + j] = v
+                                if add_res:
+                                    v += res[q, n0 + j]
+                                out[q, n0 + j] = v
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -256,9 +375,17 @@ def _stem(x, wp, bp, ksize, stride, out, chunks):
                     ix0 = ox * stride - left
                     dst = i * run
                     if row_inside and ix0 >= 0 and ix0 + ksize <= w:
-                        # Interior: copy ksize * cin contiguous values.
-                        for e in range(run):
-                            patches[ox, dst + e] = src[ix0 * cin + e]
+                        # Interior: copy ksize * cin contiguous values. The
+                        # 3x3x3 stem's 9 as a constant-length copy, unrolled
+                        # to two vector moves: the stem 0.36 -> 0.31 ms.
+                        s0 = np.uintp(ix0 * cin)
+                        d0 = np.uintp(dst)
+                        if run == 9:
+                            for e in range(_U9):
+                                patches[ox, d0 + e] = src[s0 + e]
+                        else:
+                            for e in range(run):
+                                patches[ox, dst + e] = src[ix0 * cin + e]
                     else:
                         # Border: zero where the window leaves the image.
                         for j in range(ksize):
@@ -273,6 +400,48 @@ def _stem(x, wp, bp, ksize, stride, out, chunks):
 # 3x3 depthwise convolution, one output row at a time.
 # ---------------------------------------------------------------------------
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dw_block(r0, r1, r2, col0, stride, wd, bd, out, relu6, c0, w, acc):
+    """Channels c0 .. c0+DW_CB-1 of `_dw_row`'s output row, w and acc its
+    register blocks. The block's 9 x DW_CB taps are loaded into registers
+    once and reused for the whole row, so each multiply-add costs one load.
+    The tap loops use unsigned indices (_U3, _UCB, ...): Numba adds
+    negative-index wraparound code to every signed index, which here cost a
+    third of the time. (Computing 2 or 4 pixels per step to interleave their
+    add chains, or 2 pixels to share 6 of their 12 loads with 16-channel
+    blocks, measured no faster.) Inlined by Numba
+    (inline="always"), so w and acc stay in registers."""
+    wo = out.shape[0]
+    zero = wd.dtype.type(0)
+    six = wd.dtype.type(6)
+    for t in range(9):
+        for c in range(DW_CB):
+            w[t, c] = wd[t, c0 + c]
+    cu = np.uintp(c0)
+    for ox in range(wo):
+        col = np.uintp(ox * stride + col0)
+        for c in range(DW_CB):
+            acc[c] = 0
+        for j in range(_U3):
+            for c in range(_UCB):
+                acc[c] += r0[col + j, cu + c] * w[j, c]
+        for j in range(_U3):
+            for c in range(_UCB):
+                acc[c] += r1[col + j, cu + c] * w[_U3 + j, c]
+        for j in range(_U3):
+            for c in range(_UCB):
+                acc[c] += r2[col + j, cu + c] * w[_U6 + j, c]
+        # Epilogue as whole-block steps ending in one contiguous store,
+        # the shape LLVM's SLP vectorizer recognises.
+        for c in range(DW_CB):
+            acc[c] += bd[c0 + c]
+        if relu6:
+            for c in range(DW_CB):
+                acc[c] = min(max(acc[c], zero), six)
+        for c in range(DW_CB):
+            out[ox, c0 + c] = acc[c]
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _dw_row(r0, r1, r2, col0, stride, wd, bd, out, relu6):
     """One output row of a 3x3 depthwise conv + bias (+ ReLU6).
@@ -283,47 +452,23 @@ def _dw_row(r0, r1, r2, col0, stride, wd, bd, out, relu6):
     order; bd: (C,); out: (Wo, C). The 9 products are summed in (i, j)
     order, like `layers.depthwise_conv2d`, and the bias added last.
     """
+    _wide_vectors()
     wo, c_all = out.shape
     w = carray(_stack_array(9, DW_CB, wd.dtype), (9, DW_CB))
     acc = carray(_stack_array(1, DW_CB, wd.dtype), (DW_CB,))
     zero = wd.dtype.type(0)
     six = wd.dtype.type(6)
+    # Channel blocks outermost (see _dw_block). When C is not a multiple of
+    # DW_CB (the 8 mod 16 widths of the smaller depth multipliers) a last
+    # block overlapping the one before it covers the rest: its channels are
+    # computed twice, to the same bits, instead of one by one.
     blocked = c_all - c_all % DW_CB
-    # Channel blocks outermost: the block's 9 x DW_CB taps are loaded into
-    # registers once and reused for the whole row, so each multiply-add
-    # costs one load. The tap loops use unsigned indices (_U3, _UCB, ...):
-    # Numba adds negative-index wraparound code to every signed index, which
-    # here cost a third of the time. (Computing 2 or 4 pixels per step to
-    # interleave their add chains measured slower.)
     for c0 in range(0, blocked, DW_CB):
-        for t in range(9):
-            for c in range(DW_CB):
-                w[t, c] = wd[t, c0 + c]
-        cu = np.uintp(c0)
-        for ox in range(wo):
-            col = np.uintp(ox * stride + col0)
-            for c in range(DW_CB):
-                acc[c] = 0
-            for j in range(_U3):
-                for c in range(_UCB):
-                    acc[c] += r0[col + j, cu + c] * w[j, c]
-            for j in range(_U3):
-                for c in range(_UCB):
-                    acc[c] += r1[col + j, cu + c] * w[_U3 + j, c]
-            for j in range(_U3):
-                for c in range(_UCB):
-                    acc[c] += r2[col + j, cu + c] * w[_U6 + j, c]
-            # Epilogue as whole-block steps ending in one contiguous store,
-            # the shape LLVM's SLP vectorizer recognises.
-            for c in range(DW_CB):
-                acc[c] += bd[c0 + c]
-            if relu6:
-                for c in range(DW_CB):
-                    acc[c] = min(max(acc[c], zero), six)
-            for c in range(DW_CB):
-                out[ox, c0 + c] = acc[c]
-    # Leftover channels (never in MobileNetV2, whose widths are multiples of 8).
-    for c in range(blocked, c_all):
+        _dw_block(r0, r1, r2, col0, stride, wd, bd, out, relu6, c0, w, acc)
+    if blocked < c_all and blocked > 0:
+        _dw_block(r0, r1, r2, col0, stride, wd, bd, out, relu6, c_all - DW_CB, w, acc)
+    # Fewer than DW_CB channels: one by one.
+    for c in range(c_all if blocked == 0 else 0):
         for ox in range(wo):
             col = ox * stride + col0
             v = zero

@@ -103,6 +103,24 @@ def test_pointwise_kernel(dtype, cin, cout, relu6):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cout", [16, 48, 100])
+def test_pointwise_splits_compute_the_same_bits(dtype, cout):
+    """A weight panel is computed in a pair with the next one, or alone (the
+    last of an odd count, 2*MR pixels at a time); the panel and pixel splits
+    between threads change which: the bits must not change."""
+    rng = np.random.default_rng(cout)
+    x = rng.standard_normal((3, 13, 40)).astype(dtype)
+    params = conv_bn(rng, (1, 1, 40, cout))
+    packed = K.pack_gemm(*fold(params, dtype), dtype)
+    residual = rng.standard_normal((3, 13, cout)).astype(dtype)
+    first = K.pointwise_conv(x, packed, True, residual, 1, 1)
+    assert rel_err(first, reference(x, params, "pointwise") + residual) <= TOL[dtype]
+    for pixel_chunks, panel_chunks in [(1, 2), (1, 3), (5, 1), (2, 7), (39, 2)]:
+        np.testing.assert_array_equal(
+            K.pointwise_conv(x, packed, True, residual, pixel_chunks, panel_chunks), first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [(1, 1), (2, 2), (7, 5), (8, 6), (33, 17), (225, 193)])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_stem_kernel(dtype, size, stride):
