@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def _expand_images(paths) -> list:
             files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         else:
             files.append(path)
+    if not files:
+        raise InputError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
     return files
 
 
@@ -370,14 +373,29 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except Mnv2refError as error:
-        print(f"mnv2ref: error: {error}", file=sys.stderr)
-    except OSError as error:
+    except BrokenPipeError:
+        raise  # not an error: the reader went away; see run()
+    except (Mnv2refError, OSError) as error:
         print(f"mnv2ref: error: {error}", file=sys.stderr)
     except KeyboardInterrupt:
         print("mnv2ref: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("MNV2REF_DEBUG"):
+            raise
+        print(f"mnv2ref: internal error: {type(error).__name__}: {error} "
+              "(set MNV2REF_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
     return 1
 
 
-
+def run() -> None:
+    """The console-script entry point: `main`, quiet when its output pipe closes early
+    (`mnv2ref classify images/ | head`), as Unix tools are."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
+    raise SystemExit(code)

@@ -107,3 +107,32 @@ def test_errors_are_one_line_without_traceback(argv, expected, capsys, tmp_path,
     assert stderr.startswith("mnv2ref: error:") and expected in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run(f"{sys.executable} -m mnv2ref summary | head -n 1", shell=True, env=env,
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.startswith("Model:") or result.stdout.strip()
+    assert result.stderr == ""
+
+
+def test_unexpected_errors_are_one_line(monkeypatch, capsys):
+    import mnv2ref.accounting
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(mnv2ref.accounting, "cost", broken)
+    monkeypatch.delenv("MNV2REF_DEBUG", raising=False)
+    code, stdout, stderr = run(capsys, "summary")
+    assert code == 1 and "internal error: ZeroDivisionError: a bug" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    monkeypatch.setenv("MNV2REF_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["summary"])
+
+
+def test_empty_directory_is_an_error(tmp_path, capsys, backbone_prefix):
+    code, _, stderr = run(capsys, "embed", "--weights", backbone_prefix, tmp_path, "-o", tmp_path / "e.npy")
+    assert code == 1 and "no image files" in stderr
