@@ -19,7 +19,7 @@ import numpy as np
 
 from . import layers as L
 from .architecture import ConvSpec, LayerSpec, layer_specs, logits_spec, variable_shapes
-from .errors import InputError, Mnv2refError, WeightsError
+from .errors import InputError, WeightsError
 from .interfaces import to_network_input
 from .weights import infer_config, read_h5, select_variables, shape_problems
 
@@ -333,4 +333,4 @@ def check_input(x) -> np.ndarray:
 
 
 __all__ = ["MobileNetV2", "ConvBN", "ConvLayer", "InvertedResidual", "GlobalPool", "Logits",
-           "Predictions", "Mnv2refError"]
+           "Predictions", "check_input"]
