@@ -10,7 +10,7 @@ MobileNetV2, checked endpoint by endpoint against TensorFlow.
 from importlib import import_module
 
 from .errors import (CheckpointError, ChecksumError, FetchError, ImageError, InputError,
-                     MissingDependencyError, Mnv2refError, WeightsError)
+                     MissingDependencyError, Mnv2refError, Mnv2refWarning, WeightsError)
 
 __version__ = "0.1.0"
 
@@ -37,4 +37,4 @@ def __dir__():
 
 
 __all__ = [*_PUBLIC, "Mnv2refError", "CheckpointError", "ChecksumError", "WeightsError",
-           "ImageError", "InputError", "FetchError", "MissingDependencyError", "__version__"]
+           "ImageError", "InputError", "FetchError", "MissingDependencyError", "Mnv2refWarning", "__version__"]

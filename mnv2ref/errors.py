@@ -35,3 +35,7 @@ class FetchError(Mnv2refError):
 
 class MissingDependencyError(Mnv2refError):
     """An optional dependency (matplotlib, onnx, ...) is not installed."""
+
+
+class Mnv2refWarning(UserWarning):
+    """Something is off but the work can go on (e.g. a weights file edited since it was written)."""

@@ -13,9 +13,11 @@ the root group the attributes `format` ("mnv2ref-weights"), `format_version`,
 `source_sha256` (JSON), `mnv2ref_version`.
 
 The file starts with a 512-byte HDF5 user block (which HDF5 skips) holding
-`mnv2ref-weights sha256 <hex>`: the SHA-256 of everything after it. It is
-checked before the HDF5 library sees the file, because libhdf5 can crash the
-process on a corrupted file instead of reporting an error.
+`mnv2ref-weights sha256 <hex>`: the SHA-256 of everything after it. libhdf5
+can crash the process on a corrupted file instead of reporting an error, so a
+file whose digest does not match (or that has none: written by other tools,
+or edited since) is first read in a throw-away child process; only if that
+survives is it read here.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from .architecture import PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
-from .errors import Mnv2refError, WeightsError
+from .errors import Mnv2refError, Mnv2refWarning, WeightsError
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 OPTIMIZER_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum", "/Adam", "/Adam_1")
@@ -113,19 +116,43 @@ def _user_block(digest: str) -> bytes:
     return f"{H5_FORMAT} sha256 {digest}\n".encode().ljust(USER_BLOCK_SIZE, b"\0")
 
 
-def verify_h5_digest(path: Path) -> None:
-    """Refuse a file that is not ours or whose bytes changed since `write_h5`."""
+def has_intact_digest(path: Path) -> bool:
+    """True when the file starts with our header and its digest matches: it
+    is byte for byte what `write_h5` wrote. A header whose digest does not
+    match is worth a warning: the file changed after it was written."""
     with open(path, "rb") as f:
-        block = f.read(USER_BLOCK_SIZE)
-    words = block.split(b"\n", 1)[0].split()
+        words = f.read(USER_BLOCK_SIZE).split(b"\n", 1)[0].split()
     if len(words) != 3 or words[:2] != [H5_FORMAT.encode(), b"sha256"]:
-        raise WeightsError(f"{path}: not an mnv2ref weights file (no '{H5_FORMAT} sha256' header "
-                           "in its first 512 bytes); write it with `mnv2ref convert`")
-    expected = words[2].decode("ascii", "replace")
-    actual = sha256_of(path, USER_BLOCK_SIZE)
-    if actual != expected:
-        raise WeightsError(f"{path}: corrupt or modified weights file: SHA-256 of its contents is "
-                           f"{actual[:16]}..., the header says {expected[:16]}...")
+        return False
+    if sha256_of(path, USER_BLOCK_SIZE) == words[2].decode("ascii", "replace"):
+        return True
+    warnings.warn(f"{path} has changed since mnv2ref wrote it (its SHA-256 no longer matches "
+                  "its header): it may be corrupt", Mnv2refWarning, stacklevel=3)
+    return False
+
+
+PROBE_SECONDS = 60
+
+
+def probe_h5(path: Path) -> None:
+    """Read the file as `read_h5` does, in a child process, and refuse it if
+    that crashes or hangs. A Python-level failure is left for the real read
+    to report (it fails the same way, cleanly)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from mnv2ref.weights import read_h5_datasets; read_h5_datasets(sys.argv[1])"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(path)], env=env,
+                                capture_output=True, timeout=PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise WeightsError(f"{path}: reading it as HDF5 did not finish in {PROBE_SECONDS} s: "
+                           "the file is corrupt") from None
+    if result.returncode < 0:
+        raise WeightsError(f"{path}: the HDF5 library crashed reading it (signal {-result.returncode}): "
+                           "the file is corrupt")
 
 
 def atomic_output(path: os.PathLike, suffix: str = ".tmp"):
@@ -185,27 +212,38 @@ def convert(prefix, out_h5, use_ema: bool = True) -> Path:
 
 def read_h5(path) -> tuple:
     """Read an HDF5 weights file written by `convert`: ({name: array}, attributes).
-    Only checks that it is such a file; `infer_config` checks the network."""
-    import h5py
 
+    Only the datasets of the MobileNetV2 the file's shapes describe are read
+    (so memory stays bounded whatever the file holds); a missing or wrongly
+    shaped tensor is named in the WeightsError."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    verify_h5_digest(path)
+    if not has_intact_digest(path):
+        probe_h5(path)
+    return read_h5_datasets(path)
+
+
+def read_h5_datasets(path) -> tuple:
+    """The reading part of `read_h5`, without the crash guard."""
+    import h5py
+
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != H5_FORMAT:
+            found = f.attrs.get("format")
+            if found is not None and found != H5_FORMAT:
                 raise WeightsError(f"{path}: not an mnv2ref weights file "
-                                   f"(attribute format is {f.attrs.get('format')!r}, expected {H5_FORMAT!r})")
+                                   f"(attribute format is {found!r}, expected {H5_FORMAT!r})")
+            datasets = {}
+            f.visititems(lambda name, node: datasets.__setitem__(name, node)
+                         if isinstance(node, h5py.Dataset) else None)
+            depth_multiplier, num_classes = infer_config(datasets, source=str(path))
             variables = {}
-
-            def collect(name, node):
-                if isinstance(node, h5py.Dataset):
-                    if node.dtype.kind not in "fiu":
-                        raise WeightsError(f"{path}: dataset {name} has dtype {node.dtype}, expected float32")
-                    variables[name] = np.asarray(node[()], dtype=np.float32)
-
-            f.visititems(collect)
+            for name in variable_shapes(depth_multiplier, num_classes):
+                if datasets[name].dtype.kind not in "fiu":
+                    raise WeightsError(f"{path}: dataset {name} has dtype {datasets[name].dtype}, "
+                                       "expected float32")
+                variables[name] = np.asarray(datasets[name][()], dtype=np.float32)
             attributes = {key: _decode_attribute(value) for key, value in f.attrs.items()}
     except Mnv2refError:
         raise

@@ -4,6 +4,7 @@ results are deterministic; directories are classified in bounded batches."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -134,7 +135,7 @@ def small_h5(synthetic_prefix, tmp_path_factory):
     return mnv2ref.convert(synthetic_prefix, tmp_path_factory.mktemp("fuzz") / "w.h5")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_h5_files_load_correctly_or_fail_cleanly(small_h5, tmp_path, data):
     raw = bytearray(small_h5.read_bytes())
@@ -149,23 +150,24 @@ def test_mutated_h5_files_load_correctly_or_fail_cleanly(small_h5, tmp_path, dat
     mutated = tmp_path / "mutated.h5"
     mutated.write_bytes(bytes(raw))
     try:
-        model = mnv2ref.MobileNetV2.from_h5(mutated)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mnv2ref.Mnv2refWarning)
+            model = mnv2ref.MobileNetV2.from_h5(mutated)
     except Mnv2refError:
         return
     assert model.depth_multiplier == 0.35
 
 
 def test_h5_with_non_numeric_dataset_is_refused(small_h5, tmp_path):
-    from mnv2ref.weights import USER_BLOCK_SIZE, _user_block, read_h5, sha256_of, write_h5
+    from mnv2ref.weights import read_h5, write_h5
 
-    _, attributes = read_h5(small_h5)
+    variables, attributes = read_h5(small_h5)
     target = tmp_path / "strings.h5"
-    write_h5(target, {}, {k: v for k, v in attributes.items() if k not in ("format", "format_version")})
+    name = "MobilenetV2/Conv/weights"
+    write_h5(target, {k: v for k, v in variables.items() if k != name},
+             {k: v for k, v in attributes.items() if k not in ("format", "format_version")})
     with h5py.File(target, "r+") as f:
-        f.create_dataset("MobilenetV2/Conv/weights", data=np.array([b"abc"]))
-    with pytest.raises(WeightsError, match="corrupt or modified"):
-        mnv2ref.MobileNetV2.from_h5(target)
-    with open(target, "r+b") as f:  # a deliberate forgery with a valid digest
-        f.write(_user_block(sha256_of(target, USER_BLOCK_SIZE)))
-    with pytest.raises(WeightsError, match="MobilenetV2/Conv/weights has dtype"):
-        mnv2ref.MobileNetV2.from_h5(target)
+        f.create_dataset(name, data=np.array([b"abc"] * 27).reshape(3, 3, 3, 1).repeat(16, axis=3))
+    with pytest.warns(mnv2ref.Mnv2refWarning):
+        with pytest.raises(WeightsError, match=f"dataset {name} has dtype"):
+            mnv2ref.MobileNetV2.from_h5(target)

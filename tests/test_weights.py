@@ -88,16 +88,36 @@ def test_bad_h5_files_are_refused_with_the_tensor_named(converted, tmp_path):
     not_ours = tmp_path / "other.h5"
     with h5py.File(not_ours, "w") as f:
         f.create_dataset("x", data=np.zeros(3))
-    with pytest.raises(WeightsError, match="not an mnv2ref weights file"):
+    with pytest.raises(WeightsError, match="not a MobileNetV2.*MobilenetV2/Conv/weights is missing"):
         mnv2ref.MobileNetV2.from_h5(not_ours)
 
-    tampered = tmp_path / "tampered.h5"
-    raw = bytearray(converted.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    tampered.write_bytes(bytes(raw))
-    with pytest.raises(WeightsError, match="corrupt or modified"):
-        mnv2ref.MobileNetV2.from_h5(tampered)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.attrs["format"] = "keras"
+    with pytest.raises(WeightsError, match="not an mnv2ref weights file"):
+        mnv2ref.MobileNetV2.from_h5(foreign)
 
+
+def test_h5_edited_after_writing_warns_and_names_what_is_wrong(converted, tmp_path):
+    edited = tmp_path / "edited.h5"
+    edited.write_bytes(converted.read_bytes())
+    name = "MobilenetV2/expanded_conv_3/expand/weights"
+    with h5py.File(edited, "r+") as f:
+        del f[name]
+    with pytest.warns(mnv2ref.Mnv2refWarning, match="changed since mnv2ref wrote it"):
+        with pytest.raises(WeightsError, match=f"tensor {name} is missing"):
+            mnv2ref.MobileNetV2.from_h5(edited)
+
+    relabelled = tmp_path / "relabelled.h5"
+    raw = bytearray(converted.read_bytes())
+    raw[40] = ord("0") if raw[40] != ord("0") else ord("1")  # a digit of the recorded digest
+    relabelled.write_bytes(bytes(raw))
+    with pytest.warns(mnv2ref.Mnv2refWarning):
+        model = mnv2ref.MobileNetV2.from_h5(relabelled)  # the data itself is intact
+    assert model.depth_multiplier == 0.35
+
+
+def test_missing_and_garbage_h5(tmp_path):
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not hdf5 at all" * 10)
     with pytest.raises(WeightsError, match="garbage.h5"):
