@@ -238,11 +238,11 @@ class MobileNetV2:
         x: (N, H, W, 3) NHWC, float32 or float64, preprocessed to [-1, 1]; the
         computation runs in x's dtype. `until` stops after the named layer;
         `capture(name, array)` is called for every endpoint as it is made."""
-        x = check_input(x)
         self._check_until(until)
-        if backend == "numba":
+        if backend == "numba":  # the fast path checks x itself
             return self.fast.endpoints(x, until=until, capture=capture)
         check_backend(backend)
+        x = check_input(x)
         outputs = {}
 
         def record(name, value):
@@ -282,10 +282,10 @@ class MobileNetV2:
         return self._forward(x, "Predictions", backend)
 
     def _forward(self, x: np.ndarray, until: str, backend: str) -> np.ndarray:
-        x = check_input(x)
-        if backend == "numba":
+        if backend == "numba":  # the fast path checks x itself
             return self.fast.run(x, until)
         check_backend(backend)
+        x = check_input(x)
         for layer in self.layers:
             x = layer(x)
             if layer.name == until:
