@@ -73,11 +73,11 @@ class _Pack:
         self.layers = []
         for layer in model.layers[:len(model.specs)]:
             if layer.spec.is_block:
-                expand = layer.expand and K.pack_gemm(*_fold64(layer.expand), dtype)
-                self.layers.append((expand, K.pack_depthwise(*_fold64(layer.depthwise), dtype),
-                                    K.pack_gemm(*_fold64(layer.project), dtype)))
+                expand = layer.expand and K.pack_gemm(*layer.expand.folded(np.float64), dtype)
+                self.layers.append((expand, K.pack_depthwise(*layer.depthwise.folded(np.float64), dtype),
+                                    K.pack_gemm(*layer.project.folded(np.float64), dtype)))
             else:
-                self.layers.append(K.pack_gemm(*_fold64(layer.conv), dtype))
+                self.layers.append(K.pack_gemm(*layer.conv.folded(np.float64), dtype))
         logits = next((layer for layer in model.layers if layer.name == "Logits"), None)
         self.logits = logits and K.pack_gemm(logits.weights, logits.biases, dtype)
 
@@ -233,13 +233,6 @@ def _record_block(record, name, expanded, filtered, projected):
     record(f"{name}/depthwise_output", filtered)
     if projected is not None:
         record(f"{name}/projection_output", projected)
-
-
-def _fold64(conv) -> tuple:
-    """(weights, bias) of a ConvBN with BatchNorm folded, in float64."""
-    return L.fold_batch_norm(conv.weights.astype(np.float64), conv.gamma, conv.beta,
-                             conv.moving_mean, conv.moving_variance,
-                             depthwise=conv.spec.kind == "depthwise")
 
 
 def _check(x) -> np.ndarray:

@@ -134,20 +134,9 @@ class _GraphBuilder:
     def conv_bn(self, x: str, conv_bn, size: tuple) -> tuple:
         """A `model.ConvBN`: folded conv (+ Clip unless it is a linear projection)."""
         spec = conv_bn.spec
-        weights, bias = _fold_float64(conv_bn)
+        weights, bias = conv_bn.folded(np.float64)  # one rounding to float32, at the end
         y, size = self.conv(x, spec.scope, weights, bias, spec.stride, size, spec.kind == "depthwise")
         return (self.relu6(y, spec.scope) if spec.relu6 else y), size
-
-
-def _fold_float64(conv_bn) -> tuple:
-    """`ConvBN.folded()` computed in float64 (then stored as float32): the
-    rounding of the fold itself then no longer adds to float32's, which
-    halves the export's error against a float64 reference."""
-    from .layers import fold_batch_norm
-
-    return fold_batch_norm(np.asarray(conv_bn.weights, dtype=np.float64), conv_bn.gamma, conv_bn.beta,
-                           conv_bn.moving_mean, conv_bn.moving_variance,
-                           depthwise=conv_bn.spec.kind == "depthwise")
 
 
 def export_onnx(model, path: Union[str, os.PathLike], opset: int = 13, batch: Optional[int] = None,

@@ -64,14 +64,15 @@ def trace(model, x: np.ndarray, backend: str = "numpy") -> list:
     for name in model.layer_names:
         value = outputs[name]
         relu6_output = _last_relu6_output(name, outputs)
-        total += flops.get(name, 0) * x.shape[0]
+        layer_flops = flops.get(name, 0) * x.shape[0]
+        total += layer_flops
         rows.append(TraceRow(
             name=name, shape=tuple(value.shape),
             min=float(value.min()), mean=float(value.mean()), max=float(value.max()),
             std=float(value.std()),
             clipped_at_0=None if relu6_output is None else float(np.mean(relu6_output == 0)),
             clipped_at_6=None if relu6_output is None else float(np.mean(relu6_output == 6)),
-            ms=(stamps[name] - previous) * 1e3, flops=flops.get(name, 0) * x.shape[0],
+            ms=(stamps[name] - previous) * 1e3, flops=layer_flops,
             cumulative_flops=total))
         previous = stamps[name]
     return rows

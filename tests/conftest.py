@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
+from mnv2ref.resources import BACKBONE, shared_dir as locate_shared_dir
+
 SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared ``mnv2`` fixtures folder; skip (fail on CI) when it is missing."""
-    path = Path(os.environ.get("MNV2REF_SHARED") or REPO_ROOT.parent / "shared" / "mnv2")
+    path = locate_shared_dir()  # the same lookup the CLI and the notebooks use
     if not path.is_dir():
         message = (f"shared test fixtures not found at {path}: set MNV2REF_SHARED or place "
                    "the fixtures at ../shared/mnv2; get real weights with `mnv2ref fetch`")
