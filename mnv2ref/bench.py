@@ -505,17 +505,12 @@ def _rss_note(result: dict) -> str:
 
 def write_json(result: dict, path: Union[str, os.PathLike]) -> Path:
     """Write `result` as JSON, atomically (temp file + rename)."""
-    from .weights import atomic_output
+    from .files import atomic_write
 
     path = Path(path)
-    tmp = atomic_output(path, suffix=".json")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, suffix=".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
     return path
 
 

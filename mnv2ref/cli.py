@@ -139,7 +139,7 @@ def cmd_classify(args):
 
 
 def cmd_embed(args):
-    from .weights import atomic_output
+    from .files import atomic_write
 
     model = _load_model(args)
     paths, skipped, names, features = _expand_images(args.images), [], [], []
@@ -149,13 +149,8 @@ def cmd_embed(args):
     if not features:
         raise InputError(f"none of the {len(paths)} images could be read; nothing written")
     features = np.concatenate(features)
-    tmp = atomic_output(args.output, suffix=".npy")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, features)
-        tmp.replace(args.output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(args.output, suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, features)
     for name in names:
         print(name)
     print(f"mnv2ref: wrote {args.output}, shape {features.shape}: row i is line i above",

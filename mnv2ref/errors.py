@@ -33,6 +33,15 @@ class FetchError(Mnv2refError):
     """Downloading or unpacking a published checkpoint archive failed."""
 
 
+class FileError(Mnv2refError, OSError):
+    """A file cannot be read or written (missing, permission denied, disk full,
+    a folder where a file was expected). It is also an OSError, so
+    `except OSError` keeps working; `filename` names the path."""
+
+    def __str__(self):
+        return self.strerror or super().__str__()
+
+
 class MissingDependencyError(Mnv2refError):
     """An optional dependency (matplotlib, onnx, ...) is not installed."""
 

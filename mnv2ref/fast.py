@@ -35,6 +35,7 @@ import numpy as np
 from . import kernels as K
 from . import layers as L
 from .errors import InputError
+from .interfaces import check_input
 
 Capture = Optional[Callable[[str, np.ndarray], None]]
 
@@ -133,20 +134,20 @@ class FastMobileNetV2:
         intermediate endpoints: a step of the network in isolation."""
         if name not in self.layer_names:
             raise InputError(f"no layer named {name!r}; layers are {', '.join(self.layer_names)}")
-        x = np.ascontiguousarray(x)
+        x = _kernel_input(x)
         if x.dtype not in (np.float32, np.float64):
             raise InputError(f"input dtype must be float32 or float64, got {x.dtype}")
         with _threads(self.num_threads):
             return self._layer(self.layer_names.index(name), x, self._pack(x.dtype), capture)
 
     def _forward(self, x, until, record):
-        x = _check(x)
+        x = check_input(x)
         until = until or self.layer_names[-1]
         if until not in self.layer_names:
             raise InputError(f"no layer named {until!r}; layers are {', '.join(self.layer_names)}")
         with _threads(self.num_threads):
             pack = self._pack(x.dtype)
-            x = np.ascontiguousarray(x)
+            x = _kernel_input(x)
             for index, name in enumerate(self.layer_names):
                 x = self._layer(index, x, pack, record)
                 if record is not None:
@@ -235,7 +236,8 @@ def _record_block(record, name, expanded, filtered, projected):
         record(f"{name}/projection_output", projected)
 
 
-def _check(x) -> np.ndarray:
-    from .model import check_input
-
-    return check_input(x)
+def _kernel_input(x: np.ndarray) -> np.ndarray:
+    """x as the kernels take it: C-contiguous and writeable. Read-only inputs
+    (memory-mapped files, np.frombuffer, writeable=False) are copied, since
+    the kernels are compiled for writeable arrays only."""
+    return np.require(x, requirements=("C", "W"))

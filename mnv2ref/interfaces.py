@@ -59,3 +59,20 @@ def to_network_input(x: np.ndarray, layout: str = "NHWC", color: str = "RGB",
         half = x.dtype.type(127.5)
         x = (x - half) / half
     return np.ascontiguousarray(x)
+
+
+def check_input(x) -> np.ndarray:
+    """Refuse anything but a finite (N, H, W, 3) float32/float64 NHWC batch."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"input must be a NumPy array of shape (N, H, W, 3), got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[3] != 3:
+        hint = " (add a batch axis: x[None])" if x.ndim == 3 and x.shape[-1] == 3 else ""
+        raise InputError(f"input must have shape (N, H, W, 3) NHWC, got {x.shape}{hint}")
+    if x.dtype not in (np.float32, np.float64):
+        raise InputError(f"input dtype must be float32 or float64, got {x.dtype} "
+                         "(preprocess uint8 images with mnv2ref.preprocess)")
+    if min(x.shape[:3]) < 1:
+        raise InputError(f"input has an empty axis: shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"input contains {np.count_nonzero(~np.isfinite(x))} NaN or Inf values")
+    return x

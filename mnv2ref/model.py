@@ -20,7 +20,7 @@ import numpy as np
 from . import layers as L
 from .architecture import ConvSpec, LayerSpec, layer_specs, logits_spec, variable_shapes
 from .errors import InputError, WeightsError
-from .interfaces import to_network_input
+from .interfaces import check_input, to_network_input
 from .weights import infer_config, read_h5, select_variables, shape_problems
 
 Capture = Optional[Callable[[str, np.ndarray], None]]
@@ -316,23 +316,6 @@ class MobileNetV2:
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-
-
-def check_input(x) -> np.ndarray:
-    """Refuse anything but a finite (N, H, W, 3) float32/float64 NHWC batch."""
-    if not isinstance(x, np.ndarray):
-        raise InputError(f"input must be a NumPy array of shape (N, H, W, 3), got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[3] != 3:
-        hint = " (add a batch axis: x[None])" if x.ndim == 3 and x.shape[-1] == 3 else ""
-        raise InputError(f"input must have shape (N, H, W, 3) NHWC, got {x.shape}{hint}")
-    if x.dtype not in (np.float32, np.float64):
-        raise InputError(f"input dtype must be float32 or float64, got {x.dtype} "
-                         "(preprocess uint8 images with mnv2ref.preprocess)")
-    if min(x.shape[:3]) < 1:
-        raise InputError(f"input has an empty axis: shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise InputError(f"input contains {np.count_nonzero(~np.isfinite(x))} NaN or Inf values")
-    return x
 
 
 __all__ = ["MobileNetV2", "ConvBN", "ConvLayer", "InvertedResidual", "GlobalPool", "Logits",

@@ -246,15 +246,11 @@ def export_onnx(model, path: Union[str, os.PathLike], opset: int = 13, batch: Op
     })
     onnx.checker.check_model(proto, full_check=True)
 
-    from .weights import atomic_output
+    from .files import atomic_write
 
     path = Path(path)
-    tmp = atomic_output(path, suffix=".onnx")
-    try:
+    with atomic_write(path, suffix=".onnx") as tmp:
         onnx.save_model(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

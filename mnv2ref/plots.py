@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, MissingDependencyError
-from .weights import atomic_output
+from .files import atomic_write
 
 
 PLOT_KINDS = ("stem", "expand", "depthwise", "project", "residual", "head")
@@ -37,12 +37,8 @@ def _import_matplotlib():
 def save_figure(fig, path) -> Path:
     """Save atomically; the format follows the extension (.png, .svg, .pdf)."""
     path = Path(path)
-    tmp = atomic_output(path, suffix=path.suffix)
-    try:
+    with atomic_write(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

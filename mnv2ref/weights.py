@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -34,6 +33,7 @@ import numpy as np
 
 from .architecture import PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
 from .errors import Mnv2refError, Mnv2refWarning, WeightsError
+from .files import atomic_write
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 OPTIMIZER_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum", "/Adam", "/Adam_1")
@@ -155,24 +155,12 @@ def probe_h5(path: Path) -> None:
                            "the file is corrupt")
 
 
-def atomic_output(path: os.PathLike, suffix: str = ".tmp"):
-    """A temporary file next to `path`, to be renamed over it once complete,
-    so that a failed run never leaves a half-written file or clobbers an
-    existing one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path:
     """Write variables and root attributes to `path` atomically."""
     import h5py
 
     path = Path(path)
-    tmp = atomic_output(path)
-    try:
+    with atomic_write(path) as tmp:
         with h5py.File(tmp, "w", userblock_size=USER_BLOCK_SIZE) as f:
             for name in sorted(variables):
                 f.create_dataset(name, data=np.asarray(variables[name], dtype=np.float32))
@@ -182,9 +170,6 @@ def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path
                 f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
         with open(tmp, "r+b") as f:
             f.write(_user_block(sha256_of(tmp, USER_BLOCK_SIZE)))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
