@@ -21,11 +21,35 @@ from .errors import InputError, Mnv2refError, WeightsError
 
 
 def _load_model(args):
+    """The model of --weights, or of the first weights found, or of the
+    published weights, downloaded into the cache on first use."""
     from .model import MobileNetV2
-    from .resources import find_weights
+    from .resources import weights_or_download
 
-    path = find_weights(getattr(args, "weights", None))
+    path = weights_or_download(getattr(args, "weights", None))
     return MobileNetV2.load(path, use_ema=not getattr(args, "raw", False))
+
+
+RANDOM_WEIGHTS_BANNER = """\
+*** RANDOM WEIGHTS: no MobileNetV2 weights could be found or downloaded, so this run uses
+*** seeded random weights. Shapes, FLOPs and timings below are real; activation values are
+*** not, and there are no classes to show. Provide weights with --weights or $MNV2REF_WEIGHTS.
+"""
+
+
+def _demo_model(args):
+    """`_load_model`, except that a failed download falls back to random
+    weights (with a one-line notice) so that the demo never dead-ends."""
+    from .errors import FetchError
+    from .model import MobileNetV2
+
+    try:
+        return _load_model(args)
+    except FetchError as error:
+        if getattr(args, "weights", None):
+            raise
+        print(f"mnv2ref: {error}", file=sys.stderr)
+        return MobileNetV2.random()
 
 
 def _load_batch(paths, size):
@@ -169,17 +193,22 @@ def cmd_demo(args):
     from .resources import EXAMPLE_IMAGE, label
     from .trace import format_trace, trace
 
-    model = _load_model(args)
+    model = _demo_model(args)
+    random_weights = "random_seed" in model.metadata
     image = args.image or EXAMPLE_IMAGE
     x = preprocess(load_image(image), size=args.size)[None]
+    if random_weights:
+        print(RANDOM_WEIGHTS_BANNER)
     print(f"MobileNetV2 {model.depth_multiplier}, {model.num_classes or 'no'} classes, "
           f"weights {model.source}")
-    print(f"image {image} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
+    print(f"image {Path(image).name} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
     model.endpoints(x, backend=args.backend)  # warm-up: load or compile kernels, touch memory
     rows = trace(model, x, backend=args.backend)
     print(format_trace(rows))
     print(f"\ntotal {sum(r.ms for r in rows):.1f} ms, {rows[-1].cumulative_flops / 1e9:.3f} GFLOPs")
-    if model.num_classes:
+    if random_weights:
+        print("\n(random weights: no classes shown; see the notice at the top)")
+    elif model.num_classes:
         probs = model.predict(x, backend=args.backend)[0]
         print("\ntop-5:")
         for i in np.argsort(probs)[::-1][:5]:

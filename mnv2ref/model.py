@@ -185,6 +185,37 @@ class MobileNetV2:
         return cls(variables, {"use_ema": used_ema, "source": source}, source)
 
     @classmethod
+    def pretrained(cls, depth_multiplier: float = 1.0, resolution: int = 224) -> "MobileNetV2":
+        """The published TF-slim checkpoint for (depth multiplier, resolution),
+        downloaded with a progress bar, checked (size and SHA-256 where pinned),
+        converted and cached on first use (`$MNV2REF_HOME`, else
+        `$XDG_CACHE_HOME/mnv2ref`, else `~/.cache/mnv2ref`); later calls read
+        the cache and make no request. EMA weights, 1001 classes."""
+        from .resources import pretrained_weights
+
+        return cls.from_h5(pretrained_weights(depth_multiplier, resolution))
+
+    @classmethod
+    def random(cls, depth_multiplier: float = 1.0, num_classes: int = 1001, seed: int = 0) -> "MobileNetV2":
+        """A model with seeded random weights: every shape, FLOP and timing is
+        the real network's, no value or class is. Conv kernels are drawn with
+        He scaling (std sqrt(2 / fan-in)) and BatchNorm is the identity, so
+        activations keep a sensible range through all the layers."""
+        rng = np.random.default_rng(seed)
+        variables = {}
+        for name, shape in variable_shapes(depth_multiplier, num_classes).items():
+            leaf = name.rsplit("/", 1)[-1]
+            if leaf in ("gamma", "moving_variance"):
+                value = np.ones(shape)
+            elif leaf in ("beta", "moving_mean", "biases"):
+                value = np.zeros(shape)
+            else:  # conv kernels (k, k, in, out) and depthwise kernels (k, k, C, 1)
+                fan_in = shape[0] * shape[1] * (1 if "depthwise" in name else shape[2])
+                value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+            variables[name] = value.astype(np.float32)
+        return cls(variables, {"random_seed": seed}, f"random weights (seed {seed})")
+
+    @classmethod
     def from_h5(cls, path) -> "MobileNetV2":
         """Load from an HDF5 file written by `mnv2ref.convert`."""
         variables, attributes = read_h5(path)

@@ -173,11 +173,12 @@ def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path
     return path
 
 
-def convert(prefix, out_h5, use_ema: bool = True) -> Path:
+def convert(prefix, out_h5, use_ema: bool = True, metadata: Mapping = None) -> Path:
     """Convert a TF-slim MobileNetV2 checkpoint to the HDF5 layout above.
 
     Only model variables are kept (EMA shadows by default, raw values with
-    `use_ema=False`); optimizer slots and `global_step` are dropped."""
+    `use_ema=False`); optimizer slots and `global_step` are dropped.
+    `metadata` adds root attributes (e.g. `fetch`'s archive URL and SHA-256)."""
     from . import __version__
     from .checkpoint import read_checkpoint
 
@@ -192,6 +193,7 @@ def convert(prefix, out_h5, use_ema: bool = True) -> Path:
         "source_files": [p.name for p in sources],
         "source_sha256": {p.name: sha256_of(p) for p in sources},
         "mnv2ref_version": __version__,
+        **(metadata or {}),
     })
 
 
