@@ -28,7 +28,6 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .architecture import variable_shapes
 from .errors import WeightsError
 from .resources import BACKBONE, EXAMPLE_IMAGE, find_weights, shared_dir
 
@@ -101,11 +100,11 @@ def teaching_data(verbose: bool = True) -> TeachingData:
         try:
             path = find_weights()
             model = _named(MobileNetV2.load(path), f"your weights: {path.name}")
-            # Only a published checkpoint has a classifier; fixtures-made ones were excluded above.
+            # The fixtures were excluded above, so a classifier here is the published (or the user's own) one.
             data = TeachingData(model, model.source, real_backbone=True,
                                 real_classifier=bool(model.num_classes))
         except WeightsError:
-            model = random_model()
+            model = MobileNetV2.random(seed=RANDOM_SEED)
             data = TeachingData(model, model.source, real_backbone=False, real_classifier=False)
     for name in ("chelsea", "coffee"):
         path = data.fixture(f"images/{name}.png")
@@ -120,28 +119,6 @@ def teaching_data(verbose: bool = True) -> TeachingData:
         if not data.real_backbone:
             print(f"NOTE: {RANDOM_NOTICE}. Get real ones with `mnv2ref fetch`.")
     return data
-
-
-def random_model(depth_multiplier: float = 1.0, num_classes: int = 1001, seed: int = RANDOM_SEED):
-    """A MobileNetV2 with seeded random weights of the right shapes: He-scaled
-    kernels, BatchNorm close to identity (so activations stay in a sane range),
-    classifier std 0.03. For teaching where real weights are absent."""
-    from .model import MobileNetV2
-
-    rng = np.random.default_rng(seed)
-    variables = {}
-    for name, shape in variable_shapes(depth_multiplier, num_classes).items():
-        leaf = name.rsplit("/", 1)[-1]
-        if leaf in ("weights", "depthwise_weights"):
-            fan_in = int(np.prod(shape[:2])) * (1 if leaf == "depthwise_weights" else shape[2])
-            std = 0.03 if "Logits" in name else np.sqrt(2.0 / fan_in)
-            value = rng.normal(0.0, std, shape)
-        elif leaf == "gamma" or leaf == "moving_variance":
-            value = rng.uniform(0.5, 1.5, shape)
-        else:   # beta, moving_mean, biases
-            value = rng.normal(0.0, 0.1, shape)
-        variables[name] = value.astype(np.float32)
-    return MobileNetV2(variables, {"random_seed": seed}, f"random weights (seed {seed})")
 
 
 def _register_needs_magic() -> None:
@@ -185,7 +162,7 @@ def check(name: str, test: Callable[[], None]) -> None:
         print(f"{name}: not attempted yet (fill in the cell above, then run this one again)")
         return
     except AssertionError as error:
-        print(f"{name}: not yet: {error or 'a check failed'}")
+        print(f"{name}: not yet: {str(error).splitlines()[0] if str(error) else 'a check failed'}")
         return
     except Exception as error:   # the student's code crashed: say where
         where = traceback.extract_tb(error.__traceback__)[-1]
