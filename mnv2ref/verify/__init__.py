@@ -46,23 +46,24 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
     tolerance: max error relative to each endpoint's range (default by the
         model's precision: 5e-5 for float32); threads: the foreign runtime's.
     Raises an Mnv2refError when the model cannot be run."""
+    from ..errors import InputError
     from ..model import MobileNetV2
     from ..resources import find_weights
     from .runtimes.activations import DumpModel
 
+    if tolerance is not None and not float(tolerance) > 0:
+        raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
+    foreign = model if isinstance(model, ForeignModel) else load_foreign(model, threads=threads)
     reference = weights if isinstance(weights, MobileNetV2) else MobileNetV2.load(
         find_weights(weights), use_ema=use_ema)
-    foreign = model if isinstance(model, ForeignModel) else load_foreign(model, threads=threads)
     tolerance = TOLERANCES.get(foreign.precision, TOLERANCES["float32"]) if tolerance is None else float(tolerance)
     x = reference_input(images, spatial_size(foreign.input_shape))
     notes, hints, rows = [], [], []
-    first = None
+    first, nothing_fits, best = None, False, None
 
     if isinstance(foreign, DumpModel):
         interface, input_error = identify(foreign.input, x)
         if interface is None:
-            from ..errors import InputError
-
             raise InputError(f"{foreign.source}: its `input` {foreign.input.shape} is no image batch of "
                              f"the size of ours {x.shape}")
         from ..interfaces import to_network_input
@@ -90,10 +91,7 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
             notes.append(f"input interface detected: {describe(interface)} (error of their first endpoint "
                          f"with it {best:.1e}; the next best candidate "
                          f"{sorted(tried.values())[1]:.1e})")
-        if best > NOTHING_FITS:
-            hints.append(f"no input interface fits: with the best one ({describe(interface)}) their first "
-                         f"endpoint is still {best:.1e} off; check the colour order (RGB/BGR), the scale "
-                         "([-1, 1] or 0-255) and the mean/std of their preprocessing")
+        nothing_fits = best > NOTHING_FITS
 
     shapes = {k: v.shape for k, v in ours.items()}
     mapping = align(reference, shapes, foreign.tensors, {k: v.shape for k, v in outputs.items()},
@@ -109,11 +107,17 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
                                   cosine_similarity(theirs[name], ours_value)))
     if foreign.precision != "float32":
         notes.append(f"a {foreign.precision} model: its error grows layer by layer by design; judged "
-                     f"with the {foreign.precision} tolerance {tolerance:g}")
+                     f"with the {foreign.precision} tolerance {tolerance:g}; error by layer: " + ", ".join(
+                         f"{r.name} {r.max_rel_err:.1e}" for r in rows
+                         if r.foreign is not None and "/" not in r.name and r.name != "input"))
     divergent = next((r.name for r in rows if r.foreign is not None and r.name != "input"
                       and r.max_rel_err > tolerance), None)
     if divergent is not None and first is None and foreign.precision == "float32":
         hints += _layer_hints(reference, divergent, x, ours, theirs, tolerance)
+        if not hints and nothing_fits and divergent == next(iter(theirs)):
+            hints.append(f"no input interface fits: with the best one ({describe(interface)}) their first "
+                         f"endpoint is still {best:.1e} off; check the colour order (RGB/BGR), the scale "
+                         "([-1, 1] or 0-255) and the mean/std of their preprocessing")
     first = first or divergent
     if not mapping:
         notes.append("none of their tensors could be matched to an endpoint")

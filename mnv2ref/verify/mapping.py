@@ -94,7 +94,8 @@ def name_rules(model) -> list:
 def fit(foreign_shape: tuple, our_shape: tuple, layout: Optional[str]) -> Optional[str]:
     """How a foreign tensor's shape becomes our endpoint's: "same", "nchw"
     (transpose (0, 2, 3, 1)), "reshape" ((N, C) <-> (N, 1, 1, C)), or None
-    when it cannot. The model's layout decides when both would do."""
+    when it cannot. `layout` (the graph's inner layout) decides when both
+    would do, e.g. for (N, 48, 48, 48)."""
     foreign_shape, our_shape = tuple(foreign_shape), tuple(our_shape)
     transposed = (foreign_shape[0], *foreign_shape[2:], foreign_shape[1]) if len(foreign_shape) == 4 else None
     if transposed == our_shape and (layout == "NCHW" or foreign_shape != our_shape):
@@ -105,6 +106,23 @@ def fit(foreign_shape: tuple, our_shape: tuple, layout: Optional[str]) -> Option
             and foreign_shape[0] == our_shape[0] and int(_size(foreign_shape)) == int(_size(our_shape))):
         return "reshape"
     return None
+
+
+def inner_layout(ours: dict, shapes: dict) -> Optional[str]:
+    """The layout of a model's intermediate tensors, which need not be its
+    input's (an NHWC graph may compute in NCHW): the one that most tensors
+    with an unambiguous fit to one of our endpoints use."""
+    votes = {"same": 0, "nchw": 0}
+    for shape in shapes.values():
+        if len(shape) != 4:
+            continue
+        ways = {fit(shape, our, layout) for our in ours.values() if len(our) == 4
+                for layout in ("NHWC", "NCHW")} & set(votes)
+        if len(ways) == 1:
+            votes[ways.pop()] += 1
+    if votes["same"] == votes["nchw"]:
+        return None
+    return "NCHW" if votes["nchw"] > votes["same"] else "NHWC"
 
 
 def _size(shape) -> int:
@@ -130,6 +148,7 @@ def align(model, ours: dict, tensors: list, shapes: dict, layout: Optional[str])
     execution order; shapes: {tensor name: shape}."""
     names = [t.name for t in tensors]
     position = {name: i for i, name in enumerate(names)}
+    layout = inner_layout(ours, shapes) or layout
     found = {}
 
     def claim(endpoint, name, priority):

@@ -20,7 +20,7 @@ import numpy as np
 # agree to float32 rounding (the goldens: at most 1.1e-5 on the real weights);
 # a float16 or int8 model is not expected to, and is judged by what its
 # precision can give.
-TOLERANCES = {"float32": 5e-5, "float16": 2e-2, "int8": 0.25}
+TOLERANCES = {"float32": 5e-5, "float16": 0.1, "int8": 0.25}
 
 
 @dataclass
