@@ -22,7 +22,7 @@ def load_foreign(model, threads: Optional[int] = None):
     """A `ForeignModel` for a path (.onnx, OpenVINO .xml, .tflite, Keras
     .h5/.keras, an activation dump .npz/.h5) or a callable f(x) -> {name: array}."""
     if callable(model) and not isinstance(model, (str, Path)):
-        from .callable import CallableModel
+        from .function import CallableModel
 
         return CallableModel(model)
     path = Path(model)
