@@ -35,6 +35,19 @@ def peers(shared_dir):
 
 
 @pytest.fixture(scope="session")
+def peer_report(peers, synthetic):
+    """peer_report(file name) -> the VerifyReport of a peer against the synthetic model, made once."""
+    reports = {}
+
+    def report(name):
+        if name not in reports:
+            reports[name] = verify(peers / name, weights=synthetic)
+        return reports[name]
+
+    return report
+
+
+@pytest.fixture(scope="session")
 def x96():
     return reference_input(size=(SIZE, SIZE))
 
@@ -144,8 +157,8 @@ def write_dump(path, x, endpoints, names, nchw=True):
     ("tflite_mobilenet_v2_0.35_224.tflite", "original"),
     ("openvino_converted_0.35_224.xml", "converted"),
 ])
-def test_faithful_peers_pass(peers, synthetic, name, interface):
-    report = verify(peers / name, weights=synthetic)
+def test_faithful_peers_pass(peer_report, name, interface):
+    report = peer_report(name)
     assert report.passed and report.exit_code == 0, report.format()
     assert report.first_divergence is None and not report.hints
     assert all(m.foreign is not None for m in report.endpoints), "every endpoint is matched"
@@ -154,8 +167,8 @@ def test_faithful_peers_pass(peers, synthetic, name, interface):
     assert report.format().splitlines()[-1].startswith("PASS")
 
 
-def test_keras_names_map_blocks(peers, synthetic):
-    report = verify(peers / "tflite_mobilenet_v2_0.35_224.tflite", weights=synthetic)
+def test_keras_names_map_blocks(peer_report):
+    report = peer_report("tflite_mobilenet_v2_0.35_224.tflite")
     theirs = {m.name: m.foreign for m in report.endpoints}
     assert "block_3_expand_relu" in theirs["layer_5/expansion_output"]
     assert "block_2_add" in theirs["layer_4"] and "block_2_project_BN" in theirs["layer_4/projection_output"]
@@ -310,6 +323,47 @@ def test_float16_model_is_recognised(synthetic, bug_dir):
     assert 1e-4 < report.matched[0].max_rel_err < 5e-3  # float16 rounding, not float32's
     assert any("error by layer" in note for note in report.notes)
     assert "float16 error grows from" in report.format().splitlines()[-1]
+
+
+def test_int8_model_is_recognised(synthetic, bug_dir, x96):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from mnv2ref.onnx_export import export_onnx
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = [{"input": x96}, {"input": np.ascontiguousarray(x96[:, ::-1])}]
+
+        def get_next(self):
+            return self.batches.pop() if self.batches else None
+
+    float_model = export_onnx(synthetic, bug_dir / "float.onnx", resolution=SIZE, batch=1)
+    quantize_static(str(float_model), str(bug_dir / "int8.onnx"), Calibration(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    report = verify(bug_dir / "int8.onnx", weights=synthetic)
+    assert report.precision == "int8" and report.tolerance == 0.25
+    assert report.passed, report.format()
+    # The quantized tensors (what the next layer reads), not the conv outputs the quantizer
+    # left with the fused ReLU6's name.
+    theirs = {m.name: m.foreign for m in report.endpoints}
+    assert theirs["layer_1"].endswith("DequantizeLinear_Output")
+    assert all(m.cosine > 0.95 for m in report.matched)
+    assert "int8 error grows from" in report.format().splitlines()[-1]
+
+
+def test_keras_classes_without_background(synthetic):
+    from mnv2ref.layers import softmax
+
+    def keras_like(x):
+        out = synthetic.endpoints(x)
+        logits = out["Logits"][:, 1:]  # Keras dropped class 0
+        return {"layer_19": out["layer_19"], "Logits": logits, "predictions": softmax(logits)}
+
+    report = verify(keras_like, weights=synthetic)
+    assert report.passed, report.format()
+    assert {m.name: m.foreign for m in report.matched} == {
+        "layer_19": "layer_19", "Logits": "Logits", "Predictions": "predictions"}
+    assert any("1000 classes" in note for note in report.notes)
 
 
 def test_json_schema(synthetic, x96, ours96, bug_dir):

@@ -21,8 +21,8 @@ import numpy as np
 from ..compare import relative_error
 from .foreign import ForeignModel, TensorInfo
 from .interface import describe, detect, identify, reference_input, spatial_size
-from .mapping import align, to_ours
-from .report import TOLERANCES, EndpointMatch, VerifyReport, cosine_similarity
+from .mapping import align, to_ours, without_background
+from .report import COSINE_FLOORS, TOLERANCES, EndpointMatch, VerifyReport, beyond, cosine_similarity
 from .runtimes import load_foreign
 
 __all__ = ["verify", "load_foreign", "VerifyReport", "EndpointMatch", "ForeignModel", "TensorInfo",
@@ -102,16 +102,21 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
             rows.append(EndpointMatch(name, None, None, None))
             continue
         tensor, how = mapping[name]
+        if how == "classes":
+            ours_value = without_background(ours)[name]
+            notes.append(f"{name}: their {tensor} has 1000 classes (Keras's, without background): "
+                         "compared with our classes 1..1000")
         theirs[name] = to_ours(outputs[tensor], how, ours_value.shape)
         rows.append(EndpointMatch(name, tensor, relative_error(theirs[name], ours_value),
                                   cosine_similarity(theirs[name], ours_value)))
     if foreign.precision != "float32":
-        notes.append(f"a {foreign.precision} model: its error grows layer by layer by design; judged "
-                     f"with the {foreign.precision} tolerance {tolerance:g}; error by layer: " + ", ".join(
+        notes.append(f"a {foreign.precision} model: its error grows layer by layer by design; an endpoint "
+                     f"diverges beyond {tolerance:g} only if its cosine similarity is also below "
+                     f"{COSINE_FLOORS[foreign.precision]:g}; error by layer: " + ", ".join(
                          f"{r.name} {r.max_rel_err:.1e}" for r in rows
                          if r.foreign is not None and "/" not in r.name and r.name != "input"))
-    divergent = next((r.name for r in rows if r.foreign is not None and r.name != "input"
-                      and r.max_rel_err > tolerance), None)
+    divergent = next((r.name for r in rows if r.name != "input" and beyond(r, tolerance, foreign.precision)),
+                     None)
     if divergent is not None and first is None and foreign.precision == "float32":
         hints += _layer_hints(reference, divergent, x, ours, theirs, tolerance)
         if not hints and nothing_fits and divergent == next(iter(theirs)):
