@@ -268,6 +268,8 @@ def cmd_verify(args):
         print(report.format(), file=sys.stderr if args.json == "-" else sys.stdout)
         if args.json:
             _write_json_report(report.to_json(), args.json)
+    except BrokenPipeError:
+        raise  # the reader went away: not an error (see run())
     except (Mnv2refError, OSError) as error:
         print(f"mnv2ref: error: {error}", file=sys.stderr)
         return 2
