@@ -4,14 +4,17 @@
     data.model                       # a MobileNetV2 1.0 (real backbone, or seeded random weights)
     data.image("chelsea")            # uint8 RGB
     data.golden("backbone_1.0_224_chelsea")   # TensorFlow's endpoints, or None
-    if data.skip_unless(data.goldens, "needs TensorFlow's goldens"): ...
+
+    %%needs data.goldens -- TensorFlow's goldens     (first line of a notebook cell:
+    ...                                              the cell runs only if the condition holds)
 
 The weights are, in order: the shared test fixtures (`resources.shared_dir()`:
 the real backbone, the synthetic 0.35 checkpoint, the goldens, two photos);
 else the user's weights (`resources.find_weights()`: `$MNV2REF_WEIGHTS`,
 `weights/`, the download cache of `mnv2ref fetch`); else seeded random
 weights of the 1.0/224 architecture, with a printed notice. A notebook asks the
-returned `TeachingData` what is available and skips what it cannot show.
+returned `TeachingData` what is available and skips what it cannot show
+(`%%needs`, registered by `teaching_data()` when it runs inside IPython).
 Nothing here prints an absolute path: files are named relative to the folder
 they were found in.
 
@@ -32,7 +35,6 @@ from .errors import WeightsError
 from .resources import BACKBONE, EXAMPLE_IMAGE, find_weights, shared_dir
 
 SYNTHETIC = "checkpoints/synthetic_mobilenet_v2_0.35_224/model.ckpt"
-BENCH = "checkpoints/bench_mobilenet_v2_1.0_224/model.ckpt"
 RANDOM_NOTICE = "random weights: shapes, FLOPs and timings are real, values and classes are not"
 RANDOM_SEED = 0
 
@@ -92,7 +94,7 @@ def teaching_data(verbose: bool = True) -> TeachingData:
     from .preprocessing import load_image
 
     shared = shared_dir()
-    shared = shared if (shared / BACKBONE).with_name("model.ckpt.index").is_file() else None
+    shared = shared if Path(f"{shared / BACKBONE}.index").is_file() else None
     if shared is not None:
         model = _named(MobileNetV2.from_checkpoint(shared / BACKBONE), f"shared fixtures: {BACKBONE}")
         data = TeachingData(model, model.source, real_backbone=True, real_classifier=False, shared=shared)
