@@ -1,7 +1,5 @@
 """Solutions to the exercises of 01_depthwise_separable.ipynb (one function per exercise)."""
 
-import numpy as np
-
 
 def same_padding_1d(size, kernel, stride):
     out = -(-size // stride)                                  # ceil(size / stride)
