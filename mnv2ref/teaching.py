@@ -101,7 +101,7 @@ def teaching_data(verbose: bool = True) -> TeachingData:
     else:
         try:
             path = find_weights()
-            model = _named(MobileNetV2.load(path), f"your weights: {path.name}")
+            model = _named(MobileNetV2.load(path), f"your weights: {path.parent.name}/{path.name}")
             # The fixtures were excluded above, so a classifier here is the published (or the user's own) one.
             data = TeachingData(model, model.source, real_backbone=True,
                                 real_classifier=bool(model.num_classes))

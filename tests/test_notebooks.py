@@ -282,6 +282,18 @@ def test_fixtures_are_preferred(shared_dir, monkeypatch, capsys):
     assert RANDOM_NOTICE not in printed
 
 
+def test_your_weights_come_second(shared_dir, tmp_path, monkeypatch, capsys):
+    from mnv2ref.teaching import teaching_data
+
+    monkeypatch.setenv("MNV2REF_SHARED", str(tmp_path))      # no fixtures ...
+    monkeypatch.setenv("MNV2REF_WEIGHTS", str(shared_dir / "checkpoints/bench_mobilenet_v2_1.0_224/model.ckpt"))
+    data = teaching_data()                                   # ... but weights with a classifier
+    assert data.real_backbone and data.real_classifier and not data.goldens
+    assert data.model.num_classes == 1001 and set(data.images) == {"chelsea"}
+    printed = capsys.readouterr().out
+    assert "your weights: bench_mobilenet_v2_1.0_224/model.ckpt" in printed and str(shared_dir) not in printed + repr(data.model)
+
+
 def _no_weights(*args):
     from mnv2ref.errors import WeightsError
 
