@@ -41,8 +41,8 @@ NOTEBOOKS = [
     "06_performance.ipynb",
     "07_verify_your_port.ipynb",
 ]
-HARD_LIMIT_SECONDS = 90      # per notebook, on 2 cores (the slowest takes ~30 s)
-CELL_TIMEOUT_SECONDS = 120   # the slowest cell (Numba compilation + timings) needs ~20 s
+HARD_LIMIT_SECONDS = 150     # per notebook, on 2 cores: the slowest takes ~30 s, plus up to ~60 s
+CELL_TIMEOUT_SECONDS = 120   # of Numba compilation in 06 when its on-disk cache is cold
 MAX_BYTES = 1_200_000        # outputs are committed: keep the files modest
 MIN_EXERCISES = 3
 FIGURE_CALLS = ("plt.show()", "plt.subplots(", "plt.figure(")
