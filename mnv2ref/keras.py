@@ -35,6 +35,8 @@ from .errors import InputError, Mnv2refError, WeightsError
 from .weights import infer_config, sha256_of, write_h5
 
 KERAS_CLASSES = "imagenet-1000 (Keras: class k is TF-slim class k+1; background dropped)"
+CLASSES = {1001: "imagenet-1001 (TF-slim: class 0 is background)", 1000: KERAS_CLASSES,
+           0: "none (backbone: no classifier)"}
 KERAS_LOGITS_LAYER = "predictions"
 KERNEL_LEAVES = {"conv": ("kernel",), "expand": ("kernel",), "project": ("kernel",),
                  "depthwise": ("depthwise_kernel", "kernel")}  # Keras 2 / Keras 3 naming
@@ -170,9 +172,14 @@ def read_keras_h5(path) -> tuple:
 
     depth_multiplier, num_classes = infer_config(variables, str(path), label=located)
     attributes.update(source_format="keras", depth_multiplier=depth_multiplier, num_classes=num_classes)
-    if num_classes:
-        attributes["classes"] = KERAS_CLASSES if num_classes == 1000 else f"{num_classes} (not ImageNet)"
+    attributes["classes"] = describe_classes(num_classes)
     return variables, attributes
+
+
+def describe_classes(num_classes: int) -> str:
+    """What the class indices of a classifier with `num_classes` outputs mean
+    (the same rule as `resources.label`)."""
+    return CLASSES.get(num_classes, f"{num_classes} classes (not ImageNet)")
 
 
 def _keras_num_classes(layers: dict, path) -> int:

@@ -12,7 +12,7 @@ import pytest
 
 import mnv2ref
 from mnv2ref.compare import relative_error
-from mnv2ref.golden import METADATA_KEY, endpoint_order, read_golden, transpose_layout, write_golden
+from mnv2ref.golden import METADATA_FIELDS, METADATA_KEY, endpoint_order, read_golden, transpose_layout, write_golden
 from mnv2ref.testing import assert_endpoints_close
 from mnv2ref.weights import sha256_of
 
@@ -73,6 +73,7 @@ def test_every_endpoint_is_stored_in_network_order(synthetic, small_golden):
 
 def test_metadata(synthetic, synthetic_prefix, small_golden):
     _, metadata = read_golden(small_golden)
+    assert list(metadata) == list(METADATA_FIELDS)  # every field documented
     assert metadata["format"] == "mnv2ref-golden" and metadata["format_version"] == 1
     assert metadata["mnv2ref_version"] == mnv2ref.__version__
     assert metadata["dtype"] == "float32" and metadata["layout"] == "NHWC" and metadata["size"] == [96, 96]

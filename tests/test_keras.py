@@ -58,6 +58,8 @@ def test_keras_035_is_the_tf_checkpoints_ema_network(keras_model, synthetic, gol
     assert relative_error(ours["Predictions"], softmax(tf_logits[:, 1:])) <= TOLERANCE
     assert ours["Predictions"].shape == (1, 1000)
     assert ours["Predictions"].argmax() + 1 == expected["Predictions"].argmax()
+    probs = keras_model.predict(expected["input"], backend="numba")
+    assert relative_error(probs, softmax(tf_logits[:, 1:])) <= TOLERANCE
 
 
 def test_keras_no_top_is_the_real_backbone(shared_dir, golden):
