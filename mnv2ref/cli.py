@@ -89,8 +89,13 @@ def cmd_convert(args):
     from .keras import convert_keras, is_keras_h5
     from .weights import convert
 
-    keras = Path(args.prefix).suffix.lower() in (".h5", ".hdf5") and is_keras_h5(args.prefix)
-    print((convert_keras if keras else convert)(args.prefix, args.out, use_ema=not args.raw))
+    if Path(args.prefix).suffix.lower() not in (".h5", ".hdf5"):
+        print(convert(args.prefix, args.out, use_ema=not args.raw))
+    elif is_keras_h5(args.prefix):
+        print(convert_keras(args.prefix, args.out, use_ema=not args.raw))
+    else:
+        raise InputError(f"{args.prefix} is not a Keras weights file (no root attribute layer_names): "
+                         "convert takes a TF checkpoint prefix or a Keras Applications .h5")
 
 
 def cmd_golden(args):

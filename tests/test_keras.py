@@ -97,6 +97,8 @@ def test_convert_round_trips(keras_035, keras_model, tmp_path):
     result = run_cli("convert", keras_035, tmp_path / "raw.h5", "--raw")
     assert result.returncode == 1 and "TF checkpoints only" in result.stderr
     assert not (tmp_path / "raw.h5").exists()
+    result = run_cli("convert", out, tmp_path / "again.h5")  # ours, not Keras's
+    assert result.returncode == 1 and "not a Keras weights file" in result.stderr
 
 
 def test_classify_and_demo_with_1000_classes(keras_035, shared_dir, golden):
