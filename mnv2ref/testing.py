@@ -39,8 +39,8 @@ def assert_endpoints_close(theirs: Mapping, golden: Union[Mapping, str, os.PathL
       recommended tolerance and its layout.
     tolerance: default the file's recommended one, else 5e-5 (float32).
 
-    4-d arrays of `theirs` may be in the other layout (NCHW vs NHWC) when
-    their shapes say so. Raises AssertionError when an endpoint is beyond
+    Each 4-d array of `theirs` may be in the other layout (NCHW vs NHWC)
+    when its shape says so. Raises AssertionError when an endpoint is beyond
     the tolerance or has another shape, or when no endpoint is in common."""
     __tracebackhide__ = True  # pytest shows the message, not this frame
     if isinstance(golden, Mapping):
@@ -54,11 +54,11 @@ def assert_endpoints_close(theirs: Mapping, golden: Union[Mapping, str, os.PathL
         raise AssertionError(f"no endpoint in common: theirs are {_names(theirs)}; "
                              f"the golden's are {_names(expected)}")
     golden_layout = metadata.get("layout") or _guess_layout(expected)
-    their_layout = _their_layout(theirs, expected, common, golden_layout)
+    layouts = _their_layouts(theirs, expected, common, golden_layout)
 
     errors, failures = {}, []
     for name in common:
-        value = transpose_layout(theirs[name], their_layout, golden_layout)
+        value = transpose_layout(theirs[name], layouts[name], golden_layout)
         if value.shape != np.shape(expected[name]):
             failures.append((name, f"shape {np.shape(theirs[name])}, golden {np.shape(expected[name])}"))
             continue
@@ -67,7 +67,7 @@ def assert_endpoints_close(theirs: Mapping, golden: Union[Mapping, str, os.PathL
             failures.append((name, f"{errors[name]:.3g}"))
     if failures:
         raise AssertionError(_failure_message(theirs, expected, failures, errors, tolerance,
-                                              their_layout, golden_layout, len(common)))
+                                              layouts[failures[0][0]], golden_layout, len(common)))
     return errors
 
 
@@ -82,22 +82,22 @@ def _guess_layout(arrays: Mapping) -> str:
     return "NCHW" if x is not None and np.ndim(x) == 4 and np.shape(x)[1] == 3 != np.shape(x)[3] else "NHWC"
 
 
-def _their_layout(theirs: Mapping, expected: Mapping, common: list, golden_layout: str) -> str:
-    """The golden's layout, unless some 4-d endpoint of theirs fits only
-    transposed and none fits only as it is: then the other one. Deciding once
-    for all endpoints keeps a square tensor (H = W = C) from being read in
-    the wrong layout."""
+def _their_layouts(theirs: Mapping, expected: Mapping, common: list, golden_layout: str) -> dict:
+    """{endpoint: the layout of their array}. An endpoint whose shape fits
+    only one way is in that layout; one that fits both ways (H = W = C, or
+    not 4-d) is taken to be in the layout most of the others are in (the
+    golden's on a tie), so a square tensor is not read the wrong way round."""
     other = OTHER_LAYOUT[golden_layout]
-    fits_as_is = fits_transposed = False
+    told = {}
     for name in common:
-        if np.ndim(theirs[name]) != 4:
-            continue
-        shape, theirs_shape = np.shape(expected[name]), np.shape(theirs[name])
-        as_is = theirs_shape == shape
-        transposed = _permuted(theirs_shape, golden_layout) == shape
-        fits_as_is |= as_is and not transposed
-        fits_transposed |= transposed and not as_is
-    return other if fits_transposed and not fits_as_is else golden_layout
+        shape, their_shape = tuple(np.shape(expected[name])), tuple(np.shape(theirs[name]))
+        as_is = their_shape == shape
+        transposed = len(their_shape) == 4 and _permuted(their_shape, golden_layout) == shape
+        if as_is != transposed:
+            told[name] = golden_layout if as_is else other
+    votes = list(told.values())
+    usual = other if votes.count(other) > votes.count(golden_layout) else golden_layout
+    return {name: told.get(name, usual) for name in common}
 
 
 def _failure_message(theirs, expected, failures, errors, tolerance, their_layout, golden_layout,

@@ -182,6 +182,14 @@ def test_their_layout_may_differ(small_golden):
     arrays, _ = read_golden(small_golden)
     nchw = {name: transpose_layout(value, "NHWC", "NCHW") for name, value in arrays.items()}
     assert_endpoints_close(nchw, small_golden)
+    assert_endpoints_close({**nchw, "input": arrays["input"]}, small_golden)  # mixed layouts
+    # (2, 48, 48, 48) fits both ways: read in the layout of the others
+    square = nchw["layer_3/expansion_output"] = nchw["layer_3/expansion_output"].copy()
+    assert square.shape == (2, 48, 48, 48)
+    square[1, 40, 2, 3] += 100.0
+    with pytest.raises(AssertionError, match=r"golden\[1, 2, 3, 40\] \(NHWC\) = theirs\[1, 40, 2, 3\] \(NCHW\)"):
+        assert_endpoints_close(nchw, small_golden)
+    nchw["layer_3/expansion_output"] = transpose_layout(arrays["layer_3/expansion_output"], "NHWC", "NCHW")
     nchw["layer_4"] = nchw["layer_4"].copy()
     nchw["layer_4"][0, 5, 1, 2] -= 3.0
     with pytest.raises(AssertionError, match=r"layer_4 .* golden\[0, 1, 2, 5\] \(NHWC\) = "
