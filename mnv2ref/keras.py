@@ -15,7 +15,9 @@ those two attributes, never by guessed paths.
     Conv_1, Conv_1_bn                          MobilenetV2/Conv_1(/BatchNorm)
     predictions (Dense: kernel, bias)          MobilenetV2/Logits/Conv2d_1c_1x1 (weights, biases)
 
-Both use BatchNorm epsilon 1e-3 and TF `SAME` padding (Keras pads stride-2
+Both use BatchNorm epsilon 1e-3 (Keras's `mobilenet_v2.py` builds every
+BatchNormalization with `epsilon=1e-3, momentum=0.999`; TF-slim's is
+`architecture.BATCH_NORM_EPSILON`) and TF `SAME` padding (Keras pads stride-2
 convs with `correct_pad`: 0 before, 1 after on an even size), so only names
 and the classifier differ. Keras dropped TF-slim's class 0 (background): its
 `predictions` has **1000 classes**, Keras class k is TF-slim class k + 1, and
