@@ -110,18 +110,38 @@ def _report_skipped(skipped, total) -> int:
 
 
 def cmd_convert(args):
+    from .keras import convert_keras, is_keras_h5
     from .weights import convert
 
-    print(convert(args.prefix, args.out, use_ema=not args.raw))
+    if Path(args.prefix).suffix.lower() not in (".h5", ".hdf5"):
+        print(convert(args.prefix, args.out, use_ema=not args.raw))
+    elif is_keras_h5(args.prefix):
+        print(convert_keras(args.prefix, args.out, use_ema=not args.raw))
+    else:
+        raise InputError(f"{args.prefix} is not a Keras weights file (no root attribute layer_names): "
+                         "convert takes a TF checkpoint prefix or a Keras Applications .h5")
+
+
+def cmd_golden(args):
+    from .golden import write_golden
+
+    model = _load_model(args)
+    out = sys.stdout.buffer if args.output == "-" else args.output
+    write_golden(model, _expand_images(args.images), out, layout=args.layout, dtype=args.dtype,
+                 size=args.size)
+    if args.output != "-":
+        print(args.output)
 
 
 def cmd_info(args):
     from .model import MobileNetV2
     from .weights import read_h5
 
+    from .keras import is_keras_h5, read_keras_h5
+
     path = Path(args.weights)
     if path.suffix.lower() in (".h5", ".hdf5"):
-        variables, attributes = read_h5(path)
+        variables, attributes = (read_keras_h5 if is_keras_h5(path) else read_h5)(path)
     else:
         from .checkpoint import read_checkpoint
 
@@ -317,10 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     with_weights(p)
     p.add_argument("image", nargs="?", help="an image (default: a bundled photo of a cat)")
 
-    p = command("convert", cmd_convert, "convert a TF-slim checkpoint to HDF5")
-    p.add_argument("prefix", help="checkpoint prefix (PREFIX.index + PREFIX.data-*)")
+    p = command("convert", cmd_convert, "convert a TF-slim checkpoint or a Keras Applications "
+                "weights file to HDF5")
+    p.add_argument("prefix", help="checkpoint prefix (PREFIX.index + PREFIX.data-*) or a Keras .h5")
     p.add_argument("out", help="output .h5 file")
     p.add_argument("--raw", action="store_true", help="raw variables instead of their moving averages")
+
+    p = command("golden", cmd_golden, "write the input and every endpoint of the reference on "
+                "images to a golden .npz or .h5, for other implementations' tests")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
+    p.add_argument("-o", "--output", required=True, help="output .npz or .h5 (- for an .npz on stdout)")
+    p.add_argument("--layout", choices=("NHWC", "NCHW"), default="NHWC", help="of 4-d arrays (default NHWC)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of the computation and the arrays (default float32)")
+    p.add_argument("--weights", "-w", help="an .h5 from `convert`, a Keras .h5 or a TF checkpoint prefix "
+                   "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
+    p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
+                   "instead of their ExponentialMovingAverage")
+    p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
 
     p = command("info", cmd_info, "list the variables, shapes and metadata of weights")
     p.add_argument("weights", help="an .h5 file or a TF checkpoint prefix")

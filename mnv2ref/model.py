@@ -222,10 +222,24 @@ class MobileNetV2:
         return cls(variables, attributes, str(path))
 
     @classmethod
+    def from_keras_h5(cls, path) -> "MobileNetV2":
+        """Load a Keras Applications weights file
+        (`mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}[_no_top].h5`).
+        Keras dropped the background class: a model with a top has
+        `num_classes` 1000, Keras class k being TF-slim class k + 1 (see `keras.py`)."""
+        from .keras import read_keras_h5
+
+        variables, attributes = read_keras_h5(path)
+        return cls(variables, attributes, str(path))
+
+    @classmethod
     def load(cls, path, use_ema: bool = True) -> "MobileNetV2":
-        """`from_h5` for an .h5/.hdf5 file, else `from_checkpoint`."""
+        """`from_h5` (or `from_keras_h5` for a file in Keras's layout) for an
+        .h5/.hdf5 file, else `from_checkpoint`."""
         if str(path).lower().endswith((".h5", ".hdf5")):
-            return cls.from_h5(path)
+            from .keras import is_keras_h5
+
+            return cls.from_keras_h5(path) if is_keras_h5(path) else cls.from_h5(path)
         return cls.from_checkpoint(path, use_ema)
 
     def _build_layers(self) -> list:
@@ -303,7 +317,9 @@ class MobileNetV2:
 
     def predict(self, x: np.ndarray, backend: str = "numba", layout: str = "NHWC",
                 color: str = "RGB", scale: str = "[-1,1]") -> np.ndarray:
-        """Class probabilities: (N, H, W, 3) -> (N, num_classes), class 0 = background.
+        """Class probabilities: (N, H, W, 3) -> (N, num_classes). With TF-slim's
+        1001 classes class 0 is background; a Keras model's 1000 classes are
+        TF-slim's 1..1000 (softmax over those only).
 
         By default x is the network's own input (the model card's original
         interface: NHWC, RGB, [-1, 1]); the card's converted interface is

@@ -112,5 +112,12 @@ def labels() -> tuple:
 
 
 def label(index: int, num_classes: int = 1001) -> str:
-    """A class name, or `class N` for a classifier that is not the ImageNet one."""
-    return labels()[index] if num_classes == len(labels()) else f"class {index}"
+    """The name of class `index` of a classifier with `num_classes` outputs:
+    TF-slim's 1001 (0 is background), or Keras's 1000 (background dropped,
+    so Keras class k is TF-slim class k + 1); `class N` for any other."""
+    names = labels()
+    if num_classes == len(names):
+        return names[index]
+    if num_classes == len(names) - 1:
+        return names[index + 1]
+    return f"class {index}"

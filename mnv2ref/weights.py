@@ -70,18 +70,18 @@ def select_variables(checkpoint: Mapping, use_ema: bool = True, source: str = "c
     return variables, used_ema
 
 
-def infer_config(variables: Mapping, source: str = "weights") -> tuple:
+def infer_config(variables: Mapping, source: str = "weights", label=str) -> tuple:
     """(depth_multiplier, num_classes) of a set of MobileNetV2 variables.
 
     Each published depth multiplier is tried in turn and the one whose every
     expected tensor is present with the right shape wins; otherwise the error
     names the first tensor that is missing or wrongly shaped for the closest
-    candidate."""
+    candidate (`label(name)` says where that tensor comes from)."""
     biases = variables.get("MobilenetV2/Logits/Conv2d_1c_1x1/biases")
     num_classes = int(biases.shape[0]) if biases is not None and biases.ndim == 1 else 0
     best = None
     for depth_multiplier in PUBLISHED_DEPTH_MULTIPLIERS:
-        problems = shape_problems(variables, variable_shapes(depth_multiplier, num_classes))
+        problems = shape_problems(variables, variable_shapes(depth_multiplier, num_classes), label)
         if not problems:
             return depth_multiplier, num_classes
         if best is None or len(problems) < len(best[1]):
@@ -91,14 +91,15 @@ def infer_config(variables: Mapping, source: str = "weights") -> tuple:
                        f"closest is {depth_multiplier} with {len(problems)} problems, first: {problems[0]}")
 
 
-def shape_problems(variables: Mapping, expected: Mapping) -> list:
-    """Each expected tensor that is missing or has the wrong shape, in words."""
+def shape_problems(variables: Mapping, expected: Mapping, label=str) -> list:
+    """Each expected tensor that is missing or has the wrong shape, in words;
+    `label(name)` names the tensor (e.g. with where in a file it was read)."""
     problems = []
     for name, shape in expected.items():
         if name not in variables:
-            problems.append(f"tensor {name} is missing (expected shape {shape})")
+            problems.append(f"tensor {label(name)} is missing (expected shape {shape})")
         elif tuple(variables[name].shape) != tuple(shape):
-            problems.append(f"tensor {name} has shape {tuple(variables[name].shape)}, expected {shape}")
+            problems.append(f"tensor {label(name)} has shape {tuple(variables[name].shape)}, expected {shape}")
     return problems
 
 
