@@ -685,11 +685,11 @@ def format_bench(result: dict) -> str:
     over the fastest peer, per threads x batch), the table of every
     measurement, the Numba start-up times, errors and skipped peers."""
     lines = _header(result)
-    if result["ratios"]:
+    headline = ([q for q in result["ratios"] if q["backend"] == "numba"] or result["ratios"])
+    if headline:
         lines.append("Headline: median latency over the fastest peer's (lower is better; < 1: faster than all)")
         table = [("threads", "batch", "backend", "ms", "fastest peer", "ms", "ratio")]
-        for q in sorted(result["ratios"], key=lambda q: (q["backend"] != "numba", q["backend"],
-                                                          q["threads"], q["batch"])):
+        for q in sorted(headline, key=lambda q: (q["backend"], q["threads"], q["batch"])):
             table.append((str(q["threads"]), str(q["batch"]), q["backend"], f"{q['ms']:.2f}", q["peer"],
                           f"{q['peer_ms']:.2f}", f"{q['ratio']:.2f}x" + (" *" if q.get("noisy") else "")))
         lines += ["  " + line for line in _align(table, {0, 1, 3, 5, 6})] + [""]
