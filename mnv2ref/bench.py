@@ -86,7 +86,7 @@ process per thread count. OpenVINO's nodes keep the names of the ONNX graph,
 which are TF-slim's scopes (`MobilenetV2/expanded_conv_3/expand/...`), so
 they are summed per layer of ours (`openvino_layer`); what OpenVINO adds
 itself (layout reorders of the input) is the row "other". Both sides report
-the per-layer median of `repeat` runs, their sum and the end-to-end median.
+the per-layer mean of `repeat` runs, their sum and the end-to-end median.
 """
 
 from __future__ import annotations
@@ -542,6 +542,11 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 def _stats(seconds: Iterable[float]) -> dict:
@@ -731,7 +736,7 @@ def format_bench(result: dict) -> str:
     lines += _errors_and_skipped(result)
     settings = result["settings"]
     lines += ["", (f"Timings: median of {settings['repeat']} runs in {settings['rounds']} rounds alternating "
-                   f"between the engines, after {settings['warmup']} warm-up runs (+{settings['rewarm']} per "
+                   f"between the engines, after {settings['warmup']} untimed (+{settings['rewarm']} per "
                    f"later round; numpy: at most {settings['numpy_max_repeat']} runs), each engine in its own "
                    f"process; peak RSS per process ({_rss_note(result)}).")]
     return "\n".join(lines)
@@ -882,7 +887,7 @@ def format_layers(result: dict) -> str:
         ratios += [""] if len(engines) > 1 else []
     table.append(tuple(ratios))
     s = result["settings"]
-    lines.append(f"Per layer, batch {s['batch']}: ms, the median of {s['repeat']} runs after {s['warmup']} "
+    lines.append(f"Per layer, batch {s['batch']}: ms, the mean of {s['repeat']} runs after {s['warmup']} "
                  "warm-up (numba: mnv2ref.trace, each layer as fast.run runs it, on its real input; "
                  "openvino: its PERF_COUNT counters summed per layer; each in its own process)")
     lines += _align(table, set(range(1, len(header))))
@@ -1001,8 +1006,9 @@ def _startup(job: dict, started: float, protocol) -> dict:
 
 
 def _layer_profile(job: dict) -> dict:
-    """Per-layer ms (median over the runs), their sum and the end-to-end
-    median, for numba (`trace`) or OpenVINO (PERF_COUNT)."""
+    """Per-layer ms (mean over the runs: means add up, see `mnv2ref.trace`),
+    their sum and the end-to-end median, for numba (`trace`) or OpenVINO
+    (PERF_COUNT)."""
     model = _load(job)
     x = _input(job)
     if job["backend"] == "numba":
@@ -1027,7 +1033,7 @@ def _layer_profile(job: dict) -> dict:
             sums[layer] = sums.get(layer, 0.0) + node.real_time.total_seconds() * 1e3
         for layer, ms in sums.items():
             per_layer.setdefault(layer, []).append(ms)
-    layers = {layer: float(np.median(ms)) for layer, ms in per_layer.items()}
+    layers = {layer: float(np.mean(ms)) for layer, ms in per_layer.items()}
     return {"layers": layers, "layers_ms": sum(layers.values()), "end_to_end_ms": float(np.median(passes)),
             "versions": versions}
 

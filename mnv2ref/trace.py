@@ -19,13 +19,17 @@ Two passes, because statistics and timing want different runs:
   or compiles the kernels), `repeat` timed passes alternate a whole
   forward pass (`model.predict` / `model.embed`, i.e. `fast.run` for numba)
   with a pass of the layers one at a time, so that drift on a busy machine
-  hits both alike. A layer's time `ms` is its median over the `repeat`
-  passes and `best_ms` its minimum (the run least disturbed by other
-  processes); the end-to-end latency is the median (and the minimum) of the
-  whole passes. Medians on both sides, because a busy machine inflates
-  both alike: `layers_ms / end_to_end_ms` then says whether the profile
-  adds up (the layers are the whole network, so it is near 1; `mnv2ref
-  bench --layers` reports it) rather than how noisy the machine was.
+  hits both alike. A layer's time `ms` is its mean over the `repeat`
+  passes (`median_ms` and `best_ms`, the run least disturbed by other
+  processes, are kept too); the end-to-end latency `end_to_end_ms` is the
+  median of the whole passes (their mean and minimum are kept too).
+  `layers_ms / end_to_end_ms` says whether the profile adds up: the layers
+  are the whole network, so it is near 1 (`mnv2ref bench --layers` reports
+  it). Why means per layer: means add up, medians do not. On a busy machine
+  a 0.5 ms layer mostly runs within one scheduler time slice, so its median
+  misses the preemptions that hit nearly every 10 ms pass; measured here
+  under load, the sum of the per-layer medians was 0.5-0.6 of the end-to-end
+  median, the sum of the means 1.0-1.2 (both ~1 on an idle machine).
 
 Threads: as configured (`mnv2ref.fast.set_num_threads`, `model.fast.num_threads`
 or NUMBA_NUM_THREADS for numba; the BLAS library's setting for numpy).
@@ -59,8 +63,9 @@ class TraceRow:
     std: float
     clipped_at_0: Optional[float]  # fraction of the last ReLU6's outputs that are 0
     clipped_at_6: Optional[float]  # ... and that are 6
-    ms: float                      # median of `repeat` timed runs of the layer on its input
-    best_ms: float                 # the fastest of those runs
+    ms: float                      # mean of `repeat` timed runs of the layer on its input
+    median_ms: float               # their median
+    best_ms: float                 # the fastest of them
     flops: int
     cumulative_flops: int
 
@@ -73,14 +78,14 @@ class TraceRow:
 class Trace(list):
     """The TraceRows of one trace (a list), with the end-to-end latency they
     are checked against: `end_to_end_ms` (median of `repeat` whole forward
-    passes), `end_to_end_min_ms`, `backend`, `threads` (numba's thread count,
-    None for numpy) and `repeat`."""
+    passes), `end_to_end_mean_ms`, `end_to_end_min_ms`, `backend`, `threads`
+    (numba's thread count, None for numpy) and `repeat`."""
 
-    def __init__(self, rows, end_to_end_ms: float, end_to_end_min_ms: float, backend: str,
-                 threads: Optional[int], repeat: int):
+    def __init__(self, rows, passes_ms: list, backend: str, threads: Optional[int]):
         super().__init__(rows)
-        self.end_to_end_ms, self.end_to_end_min_ms = end_to_end_ms, end_to_end_min_ms
-        self.backend, self.threads, self.repeat = backend, threads, repeat
+        self.end_to_end_ms = float(np.median(passes_ms))
+        self.end_to_end_mean_ms, self.end_to_end_min_ms = float(np.mean(passes_ms)), float(np.min(passes_ms))
+        self.backend, self.threads, self.repeat = backend, threads, len(passes_ms)
 
     @property
     def layers_ms(self) -> float:
@@ -95,7 +100,8 @@ class Trace(list):
     def to_dict(self) -> dict:
         return {"backend": self.backend, "threads": self.threads, "repeat": self.repeat,
                 "layers_ms": self.layers_ms, "end_to_end_ms": self.end_to_end_ms,
-                "end_to_end_min_ms": self.end_to_end_min_ms, "ratio": self.ratio,
+                "end_to_end_mean_ms": self.end_to_end_mean_ms, "end_to_end_min_ms": self.end_to_end_min_ms,
+                "ratio": self.ratio,
                 "layers": [row.to_dict() for row in self]}
 
 
@@ -176,14 +182,14 @@ def trace(model, x: np.ndarray, backend: str = "numpy", repeat: Optional[int] = 
             std=float(value.std()),
             clipped_at_0=None if relu6_output is None else float(np.mean(relu6_output == 0)),
             clipped_at_6=None if relu6_output is None else float(np.mean(relu6_output == 6)),
-            ms=float(np.median(per_layer[name])), best_ms=float(np.min(per_layer[name])),
-            flops=layer_flops, cumulative_flops=total))
+            ms=float(np.mean(per_layer[name])), median_ms=float(np.median(per_layer[name])),
+            best_ms=float(np.min(per_layer[name])), flops=layer_flops, cumulative_flops=total))
     threads = None
     if backend == "numba":
         from .fast import get_num_threads
 
         threads = model.fast.num_threads or get_num_threads()
-    return Trace(rows, float(np.median(passes)), float(np.min(passes)), backend, threads, repeat)
+    return Trace(rows, passes, backend, threads)
 
 
 def format_trace(rows: list) -> str:
@@ -201,10 +207,10 @@ def format_trace(rows: list) -> str:
                      f"{r.flops / 1e6:>9.1f}{r.cumulative_flops / 1e6:>9.1f}")
     if isinstance(rows, Trace):
         threads = "" if rows.threads is None else f", {rows.threads} thread" + "s" * (rows.threads > 1)
-        lines += ["", f"sum of the layers {rows.layers_ms:.2f} ms (each the median of {rows.repeat} runs); "
-                      f"end to end {rows.end_to_end_ms:.2f} ms (median of {rows.repeat}, min "
-                      f"{rows.end_to_end_min_ms:.2f}); sum / end to end = {rows.ratio:.2f} "
-                      f"({rows.backend}{threads})"]
+        lines += ["", f"sum of the layers {rows.layers_ms:.2f} ms (each the mean of {rows.repeat} runs); "
+                      f"end to end {rows.end_to_end_ms:.2f} ms (median of {rows.repeat}; mean "
+                      f"{rows.end_to_end_mean_ms:.2f}, min {rows.end_to_end_min_ms:.2f}); "
+                      f"sum / end to end = {rows.ratio:.2f} ({rows.backend}{threads})"]
     return "\n".join(lines)
 
 

@@ -294,9 +294,9 @@ def test_trace_times_the_production_layers_and_adds_up(backbone):
     x = np.random.default_rng(0).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
     rows = mnv2ref.trace(backbone, x, backend="numba", repeat=3, warmup=1)
     assert isinstance(rows, Trace) and [r.name for r in rows] == backbone.layer_names
-    assert all(0 < r.best_ms <= r.ms for r in rows)
+    assert all(0 < r.best_ms <= min(r.ms, r.median_ms) for r in rows)
     assert rows.layers_ms == pytest.approx(sum(r.ms for r in rows))
-    assert 0 < rows.end_to_end_min_ms <= rows.end_to_end_ms
+    assert 0 < rows.end_to_end_min_ms <= min(rows.end_to_end_ms, rows.end_to_end_mean_ms)
     assert rows.ratio == pytest.approx(rows.layers_ms / rows.end_to_end_ms)
     assert rows.backend == "numba" and rows.threads >= 1 and rows.repeat == 3
     # the statistics come from the endpoints, apart from the timing
