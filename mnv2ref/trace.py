@@ -210,7 +210,8 @@ def format_trace(rows: list) -> str:
         lines += ["", f"sum of the layers {rows.layers_ms:.2f} ms (each the mean of {rows.repeat} runs); "
                       f"end to end {rows.end_to_end_ms:.2f} ms (median of {rows.repeat}; mean "
                       f"{rows.end_to_end_mean_ms:.2f}, min {rows.end_to_end_min_ms:.2f}); "
-                      f"sum / end to end = {rows.ratio:.2f} ({rows.backend}{threads})"]
+                      f"sum / end to end = {rows.ratio:.2f} ({rows.layers_ms / rows.end_to_end_mean_ms:.2f} "
+                      f"of the mean; {rows.backend}{threads})"]
     return "\n".join(lines)
 
 
