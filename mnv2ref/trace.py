@@ -120,10 +120,11 @@ def layer_steps(model, backend: str) -> list:
     """[(name, step)]: the layers as `backend` runs them in production,
     `step(x)` mapping a layer's input to its output (numba: the fast path's
     `layer`, fused blocks included; numpy: the layer objects)."""
+    from .model import check_backend
+
+    check_backend(backend)
     if backend == "numba":
         return [(name, partial(model.fast.layer, name)) for name in model.layer_names]
-    if backend != "numpy":
-        raise InputError(f"backend must be one of numba, numpy, got {backend!r}")
     return [(layer.name, layer) for layer in model.layers]
 
 
