@@ -222,7 +222,6 @@ def cmd_demo(args):
     print(f"MobileNetV2 {model.depth_multiplier}, {model.num_classes or 'no'} classes, "
           f"weights {model.source}")
     print(f"image {Path(image).name} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
-    model.endpoints(x, backend=args.backend)  # warm-up: load or compile kernels, touch memory
     rows = trace(model, x, backend=args.backend)
     print(format_trace(rows))
     print(f"\ntotal {sum(r.ms for r in rows):.1f} ms, {rows[-1].cumulative_flops / 1e9:.3f} GFLOPs")
