@@ -14,9 +14,8 @@ explains it (`hints.py`).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
-
-import numpy as np
 
 from ..compare import relative_error
 from .foreign import ForeignModel, TensorInfo
@@ -140,6 +139,8 @@ def _input_hints(theirs_input, images, tolerance) -> list:
     from ..resources import EXAMPLE_IMAGE
     from .hints import explain_input
 
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
     return explain_input(theirs_input, images or [EXAMPLE_IMAGE], tolerance)
 
 

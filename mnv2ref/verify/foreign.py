@@ -64,6 +64,11 @@ class ForeignModel:
 
     @interface.setter
     def interface(self, value: dict) -> None:
+        from ..interfaces import COLORS, LAYOUTS, SCALES
+
+        for key, choices in (("layout", LAYOUTS), ("color", COLORS), ("scale", SCALES)):
+            if value.get(key) not in choices:
+                raise InputError(f"interface {key} must be one of {', '.join(choices)}, got {value.get(key)!r}")
         self._interface = dict(value)
 
     def _declares_all(self) -> bool:

@@ -9,6 +9,7 @@ whose output agrees best with ours.
 
 from __future__ import annotations
 
+import os
 from itertools import product
 from typing import Optional, Sequence
 
@@ -81,6 +82,8 @@ def reference_input(images=None, size=(224, 224)) -> np.ndarray:
     from ..preprocessing import load_image, preprocess
     from ..resources import EXAMPLE_IMAGE
 
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
     return np.stack([preprocess(load_image(p), size=size) for p in (images or [EXAMPLE_IMAGE])])
 
 
@@ -112,11 +115,12 @@ def detect(foreign, reference=None, x: Optional[np.ndarray] = None, ours: Option
         ours = reference.endpoints(x)
     errors, mapping = {}, None
     for candidate in candidates(foreign.layout):
+        candidate = {**candidate, "layout": foreign.layout or candidate["layout"]}
         try:
             outputs = foreign.run(from_network_input(x, **candidate))
         except Exception:  # noqa: BLE001 - a wrong layout makes the runtime refuse the shape
             continue
-        candidate = {**candidate, "layout": foreign.layout or candidate["layout"]}  # a callable may switch
+        candidate["layout"] = foreign.layout or candidate["layout"]  # a callable may have switched to NCHW
         if mapping is None:
             mapping = align(reference, {k: v.shape for k, v in ours.items()}, foreign.tensors,
                             {k: v.shape for k, v in outputs.items()}, candidate["layout"])

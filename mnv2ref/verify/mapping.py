@@ -62,8 +62,8 @@ def name_rules(model) -> list:
              (r"(^|/)Conv1_relu", "layer_1", 1), (r"(^|/)bn_Conv1", "layer_1", 2),
              (r"(^|/)out_relu", f"layer_{last}", 1), (r"(^|/)Conv_1_bn", f"layer_{last}", 2),
              (r"global_average_pooling2d", "global_pool", 1),
-             (r"predictions[^/]*/BiasAdd", "Logits", 1), (r"predictions[^/]*/MatMul", "Logits", 2), (r"predictions[^/]*/Softmax|^predictions$",
-                                                                   "Predictions", 1),
+             (r"predictions[^/]*/BiasAdd", "Logits", 1), (r"predictions[^/]*/MatMul", "Logits", 2),
+             (r"predictions[^/]*/Softmax|^predictions$", "Predictions", 1),
              # torchvision
              (r"(^|\.)features\.0$", "layer_1", 1), (rf"(^|\.)features\.{last - 1}$", f"layer_{last}", 1),
              (r"(^|\.)classifier(\.1)?$", "Logits", 1)]
