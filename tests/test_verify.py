@@ -225,6 +225,19 @@ def test_bgr_graph_is_detected_as_bgr(synthetic, bug_dir):
     assert all(m.max_rel_err < 5e-5 for m in report.matched)
 
 
+def test_undeclared_bgr_graph_fails_unless_declared(synthetic, bug_dir):
+    # No metadata: an NHWC model is expected to take the card's original interface (RGB).
+    path = _with_variables(synthetic, bug_dir, "bgr", bgr_weights)
+    proto = onnx.load(str(path))
+    proto.producer_name = "someone"
+    del proto.metadata_props[:]
+    onnx.save(proto, str(path))
+    report = verify(path, weights=synthetic)
+    assert report.first_divergence == "input" and "RGB/BGR swap" in report.hints[0]
+    declared = verify(path, weights=synthetic, interface={"layout": "NHWC", "color": "BGR", "scale": "[-1,1]"})
+    assert declared.passed, declared.format()
+
+
 def test_callable_with_scale_mixup(synthetic):
     def port(x):  # expects 0-255 although it declares nothing else than our interface
         return synthetic.endpoints((x - np.float32(127.5)) / np.float32(127.5), until="layer_4")

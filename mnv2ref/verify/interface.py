@@ -139,3 +139,52 @@ def detect(foreign, reference=None, x: Optional[np.ndarray] = None, ours: Option
         raise InputError(f"{foreign.source} refuses input in any layout ({x.shape} as NHWC and NCHW)")
     best = min(errors.values(), key=lambda pair: pair[1])[0]
     return best, {k: v[1] for k, v in errors.items()}
+
+
+def expected(declared: Optional[dict], layout: str) -> list:
+    """The interfaces a model may take without that being a bug: the one it
+    declares in full (metadata, `--interface`), else the model card's for
+    its layout, NHWC: the original (RGB, [-1, 1]); NCHW: the converted (BGR,
+    0-255) or the original transposed (what a PyTorch port takes)."""
+    if declared and all(k in declared for k in ORIGINAL):
+        return [dict(declared)]
+    from ..interfaces import INTERFACES
+
+    card = ([ORIGINAL] if layout == "NHWC" else
+            [INTERFACES["converted"], {**ORIGINAL, "layout": "NCHW"}])
+    found = []
+    for interface in card:
+        interface = {**interface, **(declared or {})}
+        if interface not in found:
+            found.append(interface)
+    return found
+
+
+def parse(text: str) -> dict:
+    """`original`, `converted`, or `LAYOUT,COLOR,SCALE` (e.g. `NCHW,RGB,[-1,1]`) as an interface."""
+    from ..errors import InputError
+    from ..interfaces import INTERFACES
+
+    if text in INTERFACES:
+        return dict(INTERFACES[text])
+    parts = [p.strip() for p in text.split(",", 2)]  # the scale "[-1,1]" has a comma itself
+    interface = dict(zip(("layout", "color", "scale"), parts))
+    if len(parts) != 3 or interface["layout"] not in LAYOUTS or interface["color"] not in COLORS \
+            or interface["scale"] not in SCALES:
+        raise InputError(f"interface must be original, converted or LAYOUT,COLOR,SCALE with LAYOUT in "
+                         f"{'/'.join(LAYOUTS)}, COLOR in {'/'.join(COLORS)}, SCALE in {'/'.join(SCALES)}; "
+                         f"got {text!r}")
+    return interface
+
+
+def mismatch_hint(detected: dict, accepted: list, source: str) -> str:
+    """The RGB/BGR or scale mix-up between the detected interface and the
+    nearest accepted one."""
+    nearest = min(accepted, key=lambda a: sum(a[k] != detected[k] for k in a))
+    differ = [k for k in ("color", "scale") if nearest[k] != detected[k]]
+    kind = " and ".join({"color": "RGB/BGR swap", "scale": "[-1,1]/0-255 mix-up"}[k] for k in differ)
+    what = ", ".join(f"{'colour order' if k == 'color' else 'scale'} {detected[k]} where "
+                     f"{nearest[k]} is expected" for k in differ)
+    return (f"{kind or 'layout mix-up'}: {source} agrees with the reference only with input "
+            f"{describe(detected)} ({what or 'another layout'}); expected "
+            f"{' or '.join(describe(a) for a in accepted)} (declare the intended one with --interface)")
