@@ -432,6 +432,15 @@ def test_keras_file_without_keras(peers):
         load_foreign(peers / "keras_mobilenet_v2_0.35_224.h5")
 
 
+def test_verify_is_callable_and_a_package(synthetic):
+    import mnv2ref
+    import mnv2ref.verify as package
+
+    assert mnv2ref.verify is package and mnv2ref.verify.load_foreign is load_foreign
+    report = mnv2ref.verify(lambda x: synthetic.endpoints(x, until="layer_1"), weights=synthetic)
+    assert report.passed and [m.name for m in report.matched] == ["layer_1"]
+
+
 def test_unknown_file_type(tmp_path):
     with pytest.raises(InputError, match="expected an .onnx"):
         load_foreign(tmp_path / "model.pt")

@@ -15,6 +15,8 @@ explains it (`hints.py`).
 from __future__ import annotations
 
 import os
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -175,3 +177,15 @@ def _input_hints(theirs_input, images, tolerance) -> list:
     from .hints import explain_input
 
     return explain_input(theirs_input, images or [EXAMPLE_IMAGE], tolerance)
+
+
+class _CallablePackage(types.ModuleType):
+    """`mnv2ref.verify` is this package and, called, the `verify` function:
+    `mnv2ref.verify(model)` and `mnv2ref.verify.load_foreign(path)` both work
+    (importing the subpackage would otherwise shadow the function)."""
+
+    def __call__(self, *args, **kwargs) -> VerifyReport:
+        return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
