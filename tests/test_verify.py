@@ -99,6 +99,15 @@ def symmetric_padding(graph):
             attribute.ints[:] = [1, 1, 1, 1]
 
 
+def symmetric_padding_everywhere(graph):
+    """Every stride-2 conv, the stem included, padded (1, 1), in a graph that declares no
+    interface: every input interface candidate is then far off at layer_1."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "pads" and list(attribute.ints) == [0, 0, 1, 1]:
+                attribute.ints[:] = [1, 1, 1, 1]
+
+
 def relu_not_relu6(graph):
     node = _node(graph, "MobilenetV2/expanded_conv_4/expand/Relu6")  # layer_6's expansion
     node.op_type = "Relu"
@@ -190,12 +199,14 @@ def test_exported_graph_passes_with_ambiguous_shapes(synthetic, bug_dir):
 
 # --- each classic bug: the right first divergence and the right hint -------------------------
 
-ONNX_EDITS = {"symmetric_padding": symmetric_padding, "relu": relu_not_relu6, "no_residual": no_residual}
+ONNX_EDITS = {"symmetric_padding": symmetric_padding, "symmetric_padding_everywhere": symmetric_padding_everywhere,
+              "relu": relu_not_relu6, "no_residual": no_residual}
 VARIABLE_CHANGES = {"epsilon": epsilon_1e5, "bgr": bgr_weights}
 
 
 @pytest.mark.parametrize("bug, first, hint", [
     ("symmetric_padding", "layer_3/depthwise_output", "symmetric (PyTorch-style) padding"),
+    ("symmetric_padding_everywhere", "layer_1", "symmetric (PyTorch-style) padding"),
     ("relu", "layer_6/expansion_output", "ReLU instead of ReLU6"),
     ("no_residual", "layer_4", "missing residual add in layer_4"),
     ("epsilon", "layer_1", "BatchNorm epsilon 1e-5"),
@@ -214,6 +225,8 @@ def test_bug_found_and_explained(synthetic, synthetic_prefix, bug_dir, bug, firs
     report = verify(path, weights=synthetic)
     assert report.exit_code == 1
     assert report.first_divergence == first, report.format()
+    if bug != "bgr":
+        assert report.interface == INTERFACES["original"]
     assert len(report.hints) == 1 and hint in report.hints[0], report.hints
     assert report.format().splitlines()[-1].startswith(f"DIVERGES: first at {first}")
 

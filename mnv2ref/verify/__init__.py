@@ -67,16 +67,19 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
     tolerance = TOLERANCES.get(foreign.precision, TOLERANCES["float32"]) if tolerance is None else float(tolerance)
     images = [images] if isinstance(images, (str, os.PathLike)) else images
     x = reference_input(images, spatial_size(foreign.input_shape))
-    run = (_run_dump if isinstance(foreign, DumpModel) else _run_model)(foreign, reference, x, images, tolerance)
+    if isinstance(foreign, DumpModel):
+        run = _run_dump(foreign, reference, x, images, tolerance)
+    else:
+        run = _run_model(foreign, reference, x, interface)
 
     accepted = expected(interface or foreign.declared, run.interface["layout"])
     if run.interface not in accepted:
         run.first = "input"
         run.hints.insert(0, mismatch_hint(run.interface, accepted, "the model"))
-    elif run.tried:
-        others = sorted(run.tried.values())
+    elif len(run.tried) > 1:
         run.notes.append(f"input interface detected: {describe(run.interface)} (error of their first endpoint "
-                         f"with it {others[0]:.1e}; the next best candidate {others[1]:.1e})")
+                         f"with it {run.tried[describe(run.interface)]:.1e}; the best other candidate "
+                         f"{min(e for k, e in run.tried.items() if k != describe(run.interface)):.1e})")
 
     rows, theirs = _compare(reference, foreign, run)
     if foreign.precision != "float32":
@@ -118,10 +121,10 @@ class _Run:
     notes: list = field(default_factory=list)
 
 
-def _run_model(foreign, reference, x, images, tolerance) -> _Run:
+def _run_model(foreign, reference, x, declared) -> _Run:
     """A runnable model: detect its interface, run it on our input."""
     ours = reference.endpoints(x)
-    interface, tried = detect(foreign, reference, x, ours)
+    interface, tried = detect(foreign, reference, x, ours, declared)
     foreign.interface = interface
     return _Run(interface, x, ours, foreign.run(foreign.native_input(x)), tried)
 

@@ -96,11 +96,19 @@ def spatial_size(input_shape) -> tuple:
     return (h or 224, w or 224)
 
 
-def detect(foreign, reference=None, x: Optional[np.ndarray] = None, ours: Optional[dict] = None) -> tuple:
+# Another interface than the expected one is "detected" only if it fits
+# clearly better: a bug in their first layer leaves every candidate far off,
+# and the expected one need not be the least far.
+CLEARLY_BETTER = 0.5
+
+
+def detect(foreign, reference=None, x: Optional[np.ndarray] = None, ours: Optional[dict] = None,
+           declared: Optional[dict] = None) -> tuple:
     """(interface, {description: error}): run `foreign` on `x` (our input)
     in every candidate interface and keep the one whose earliest endpoint
-    (as `mapping.align` matches it) is closest to ours. `ours` are the
-    reference's endpoints on `x`, computed when not given."""
+    (as `mapping.align` matches it) is closest to ours, unless an expected
+    one (`expected(declared or foreign.declared, ...)`) is nearly as close.
+    `ours` are the reference's endpoints on `x`, computed when not given."""
     from ..compare import relative_error
     from .mapping import align, to_ours
 
@@ -137,7 +145,13 @@ def detect(foreign, reference=None, x: Optional[np.ndarray] = None, ours: Option
         from ..errors import InputError
 
         raise InputError(f"{foreign.source} refuses input in any layout ({x.shape} as NHWC and NCHW)")
-    best = min(errors.values(), key=lambda pair: pair[1])[0]
+    best, best_error = min(errors.values(), key=lambda pair: pair[1])
+    accepted = [pair for pair in errors.values()
+                if pair[0] in expected(declared or foreign.declared, best["layout"])]
+    if accepted:
+        nearest, nearest_error = min(accepted, key=lambda pair: pair[1])
+        if best_error > CLEARLY_BETTER * nearest_error:
+            best = nearest
     return best, {k: v[1] for k, v in errors.items()}
 
 
