@@ -100,8 +100,8 @@ def symmetric_padding(graph):
 
 
 def symmetric_padding_everywhere(graph):
-    """Every stride-2 conv, the stem included, padded (1, 1), in a graph that declares no
-    interface: every input interface candidate is then far off at layer_1."""
+    """Every stride-2 conv, the stem included, padded (1, 1): every input interface candidate
+    is then far off at layer_1 (BGR nearly as close as RGB), and the expected one must be kept."""
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.name == "pads" and list(attribute.ints) == [0, 0, 1, 1]:
