@@ -284,6 +284,31 @@ def test_pytorch_dump_in_nchw_passes(synthetic, x96, ours96, bug_dir):
     assert report.interface["layout"] == "NCHW"
 
 
+def test_tensorflow_golden_file_passes(shared_dir, synthetic):
+    # TensorFlow's own values, as a dump: `input` and 7 endpoints under our names.
+    report = verify(shared_dir / "golden/synthetic_0.35_224_chelsea_ema.npz", weights=synthetic,
+                    images=[shared_dir / "images/chelsea.png"])
+    assert report.passed, report.format()
+    assert [m.name for m in report.matched] == ["input", "layer_1", "layer_2", "layer_18", "layer_19",
+                                                 "global_pool", "Logits", "Predictions"]
+
+
+def test_h5_dump_named_by_endpoint_attributes(synthetic, x96, ours96, bug_dir):
+    import h5py
+
+    path = bug_dir / "golden.h5"  # as `mnv2ref golden -o FILE.h5 --layout NCHW` writes it
+    with h5py.File(path, "w") as f:
+        f["input"] = x96.transpose(0, 3, 1, 2)
+        for name, value in ours96.items():
+            dataset = f.create_dataset(name.replace("/", "."), data=value.transpose(0, 3, 1, 2)
+                                       if value.ndim == 4 else value)
+            dataset.attrs["endpoint"] = name
+        f.attrs["endpoints"] = json.dumps(list(ours96))
+    report = verify(path, weights=synthetic)
+    assert report.passed and len(report.matched) == len(ours96) + 1, report.format()
+    assert report.interface["layout"] == "NCHW"
+
+
 def test_dump_with_pillow_resize(synthetic, bug_dir):
     from mnv2ref.resources import EXAMPLE_IMAGE
 
