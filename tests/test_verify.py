@@ -258,7 +258,35 @@ def test_callable_with_scale_mixup(synthetic):
     report = verify(port, weights=synthetic)
     assert report.first_divergence == "input"
     assert report.interface["scale"] == "0-255"
-    assert "0-255 mix-up" in report.hints[0]
+    assert "[-1,1]/0-255 scale mix-up" in report.hints[0]
+
+
+def test_onnx_port_with_imagenet_normalization(synthetic, bug_dir):
+    # A PyTorch-style port: NCHW, fed ImageNet mean/std normalized RGB, no metadata.
+    from onnx import helper, numpy_helper
+
+    from mnv2ref.verify.interface import IMAGENET_MEAN, IMAGENET_STD
+
+    path = _export(synthetic, bug_dir / "meanstd.onnx")
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    proto.producer_name = "pytorch-port"
+    del proto.metadata_props[:]
+    graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3  # (N, 3, 96, 96)
+    graph.input[0].type.tensor_type.shape.dim[3].dim_value = SIZE
+    transpose = _node(graph, "input/to_nchw")  # the graph is NCHW inside: drop the transpose ...
+    std = numpy_helper.from_array((IMAGENET_STD * 2).reshape(1, 3, 1, 1), "std2")
+    shift = numpy_helper.from_array(((IMAGENET_MEAN * 2) - 1).reshape(1, 3, 1, 1), "mean2")
+    graph.initializer.extend([std, shift])
+    # ... and undo the normalization: x_ours = (y * std + mean) * 2 - 1
+    graph.node.remove(transpose)
+    graph.node.insert(0, helper.make_node("Mul", ["input", "std2"], ["scaled"]))
+    graph.node.insert(1, helper.make_node("Add", ["scaled", "mean2"], [transpose.output[0]]))
+    onnx.save(proto, str(path))
+    report = verify(path, weights=synthetic)
+    assert report.interface == {"layout": "NCHW", "color": "RGB", "scale": "mean-std"}
+    assert report.first_divergence == "input"
+    assert "[-1,1]/mean-std scale mix-up" in report.hints[0], report.hints
 
 
 def test_nchw_callable_passes(synthetic, x96):
@@ -319,6 +347,21 @@ def test_dump_with_pillow_resize(synthetic, bug_dir):
     assert len(report.hints) == 1 and "Pillow's bilinear" in report.hints[0]
     # Everything after the input is compared on their input, so it matches.
     assert all(m.max_rel_err < 5e-5 for m in report.matched if m.name != "input")
+
+
+@pytest.mark.parametrize("kind", ["half-pixel", "torchvision"])
+def test_dump_with_other_resizes(synthetic, bug_dir, kind):
+    from mnv2ref.resources import EXAMPLE_IMAGE
+
+    description, theirs = next((k, v) for k, v in resize_variants([EXAMPLE_IMAGE], (SIZE, SIZE)).items()
+                               if kind in k)
+    if kind == "half-pixel":  # as OpenCV would give it, rounded to 8 bits
+        theirs = (np.round((theirs + 1) * 127.5) / np.float32(127.5) - 1).astype(np.float32)
+    names = {k: f"t{i}" for i, k in enumerate(["layer_1", "layer_2"])}
+    path = write_dump(bug_dir / f"{kind}.npz", theirs, synthetic.endpoints(theirs, until="layer_2"), names)
+    report = verify(path, weights=synthetic)
+    assert report.first_divergence == "input" and report.hints == [
+        f"wrong preprocessing: their input is made with {description}"]
 
 
 def test_dump_whose_first_conv_sees_bgr(synthetic, x96, ours96, bug_dir):

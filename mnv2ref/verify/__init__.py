@@ -24,7 +24,8 @@ import numpy as np
 
 from ..compare import relative_error
 from .foreign import ForeignModel, TensorInfo
-from .interface import describe, detect, expected, identify, mismatch_hint, reference_input, spatial_size
+from .interface import (describe, detect, expected, identify, mismatch_hint, reference_input, spatial_size,
+                        to_network)
 from .mapping import align, to_ours, without_background
 from .report import COSINE_FLOORS, TOLERANCES, EndpointMatch, VerifyReport, beyond, cosine_similarity
 from .runtimes import load_foreign
@@ -133,18 +134,16 @@ def _run_dump(foreign, reference, x, images, tolerance) -> _Run:
     """A dump: compare its `input` with our preprocessing, then run ours on
     their input, from which their tensors were computed."""
     from ..errors import InputError
-    from ..interfaces import to_network_input
-
     interface, input_error = identify(foreign.input, x)
     if interface is None:
         raise InputError(f"{foreign.source}: its `input` {foreign.input.shape} is no image batch of "
                          f"the size of ours {x.shape}")
-    theirs_input = to_network_input(foreign.input, **interface)
+    theirs_input = to_network(foreign.input, **interface)
     run = _Run(interface, theirs_input, reference.endpoints(theirs_input), dict(foreign.arrays),
                rows=[EndpointMatch("input", "input", input_error, cosine_similarity(theirs_input, x))])
     if input_error > tolerance:
         run.first = "input"
-        run.hints += _input_hints(theirs_input, images, tolerance)
+        run.hints += _input_hints(theirs_input, x, images, tolerance)
     return run
 
 
@@ -175,11 +174,11 @@ def _layer_hints(reference, first, x, ours, theirs, tolerance) -> list:
     return explain(reference, first, x, ours, theirs, tolerance, raw_model=raw_twin(reference))
 
 
-def _input_hints(theirs_input, images, tolerance) -> list:
+def _input_hints(theirs_input, ours_input, images, tolerance) -> list:
     from ..resources import EXAMPLE_IMAGE
     from .hints import explain_input
 
-    return explain_input(theirs_input, images or [EXAMPLE_IMAGE], tolerance)
+    return explain_input(theirs_input, ours_input, images or [EXAMPLE_IMAGE], tolerance)
 
 
 class _CallablePackage(types.ModuleType):

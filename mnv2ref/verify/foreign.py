@@ -64,9 +64,10 @@ class ForeignModel:
 
     @interface.setter
     def interface(self, value: dict) -> None:
-        from ..interfaces import COLORS, LAYOUTS, SCALES
+        from ..interfaces import COLORS, LAYOUTS
+        from .interface import TRIED_SCALES
 
-        for key, choices in (("layout", LAYOUTS), ("color", COLORS), ("scale", SCALES)):
+        for key, choices in (("layout", LAYOUTS), ("color", COLORS), ("scale", TRIED_SCALES)):
             if value.get(key) not in choices:
                 raise InputError(f"interface {key} must be one of {', '.join(choices)}, got {value.get(key)!r}")
         self._interface = dict(value)

@@ -32,26 +32,47 @@ def layout_of(input_shape: Optional[Sequence]) -> Optional[str]:
     return None
 
 
+# Beyond the card's two scales, the usual mistakes: [0, 1] pixels, and
+# PyTorch's ImageNet mean/std normalization of [0, 1] RGB pixels.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+TRIED_SCALES = (*SCALES, "[0,1]", "mean-std")
+
+
 def candidates(layout: Optional[str]) -> list:
     """Every interface worth trying: the known layout (or both), each colour
     order and scale; the original interface first."""
     layouts = [layout] if layout else list(LAYOUTS)
-    found = [{"layout": lay, "color": c, "scale": s} for lay, c, s in product(layouts, COLORS, SCALES)]
+    found = [{"layout": lay, "color": c, "scale": s} for lay, c, s in product(layouts, COLORS, TRIED_SCALES)]
     return sorted(found, key=lambda i: [i[k] != ORIGINAL[k] for k in ("layout", "color", "scale")])
 
 
 def from_network_input(x: np.ndarray, layout: str = "NHWC", color: str = "RGB",
                        scale: str = "[-1,1]") -> np.ndarray:
-    """The inverse of `interfaces.to_network_input`: our (N, H, W, 3) RGB
-    [-1, 1] batch -> the given interface."""
+    """The inverse of `interfaces.to_network_input` (with the scales of
+    `TRIED_SCALES`): our (N, H, W, 3) RGB [-1, 1] batch -> the given interface."""
+    half, one = x.dtype.type(127.5), x.dtype.type(1)
     if scale == "0-255":
-        half = x.dtype.type(127.5)
         x = x * half + half
+    elif scale == "[0,1]":
+        x = (x + one) * x.dtype.type(0.5)
+    elif scale == "mean-std":
+        x = ((x + one) * x.dtype.type(0.5) - IMAGENET_MEAN.astype(x.dtype)) / IMAGENET_STD.astype(x.dtype)
     if color == "BGR":
         x = x[..., ::-1]
     if layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x)
+
+
+def to_network(x: np.ndarray, layout: str = "NHWC", color: str = "RGB", scale: str = "[-1,1]") -> np.ndarray:
+    """`interfaces.to_network_input`, also for the scales of `TRIED_SCALES`."""
+    if scale in SCALES:
+        return to_network_input(x, layout, color, scale)
+    x = to_network_input(x, layout, color, "[-1,1]")
+    rgb_mean, rgb_std = IMAGENET_MEAN.astype(x.dtype), IMAGENET_STD.astype(x.dtype)
+    unit = x * rgb_std + rgb_mean if scale == "mean-std" else x
+    return np.ascontiguousarray(unit * x.dtype.type(2) - x.dtype.type(1))
 
 
 def identify(theirs: np.ndarray, ours: np.ndarray) -> tuple:
@@ -62,7 +83,7 @@ def identify(theirs: np.ndarray, ours: np.ndarray) -> tuple:
     best = None
     for candidate in candidates(layout_of(theirs.shape)):
         try:
-            converted = to_network_input(theirs.astype(np.float32), **candidate)
+            converted = to_network(theirs.astype(np.float32), **candidate)
         except Exception:  # noqa: BLE001 - a candidate that does not even fit the shape
             continue
         if converted.shape != ours.shape:
@@ -184,9 +205,9 @@ def parse(text: str) -> dict:
     parts = [p.strip() for p in text.split(",", 2)]  # the scale "[-1,1]" has a comma itself
     interface = dict(zip(("layout", "color", "scale"), parts))
     if len(parts) != 3 or interface["layout"] not in LAYOUTS or interface["color"] not in COLORS \
-            or interface["scale"] not in SCALES:
+            or interface["scale"] not in TRIED_SCALES:
         raise InputError(f"interface must be original, converted or LAYOUT,COLOR,SCALE with LAYOUT in "
-                         f"{'/'.join(LAYOUTS)}, COLOR in {'/'.join(COLORS)}, SCALE in {'/'.join(SCALES)}; "
+                         f"{'/'.join(LAYOUTS)}, COLOR in {'/'.join(COLORS)}, SCALE in {'/'.join(TRIED_SCALES)}; "
                          f"got {text!r}")
     return interface
 
@@ -196,7 +217,8 @@ def mismatch_hint(detected: dict, accepted: list, source: str) -> str:
     nearest accepted one."""
     nearest = min(accepted, key=lambda a: sum(a[k] != detected[k] for k in a))
     differ = [k for k in ("color", "scale") if nearest[k] != detected[k]]
-    kind = " and ".join({"color": "RGB/BGR swap", "scale": "[-1,1]/0-255 mix-up"}[k] for k in differ)
+    kind = " and ".join({"color": "RGB/BGR swap", "scale": f"{nearest['scale']}/{detected['scale']} scale mix-up"}[k]
+                        for k in differ)
     what = ", ".join(f"{'colour order' if k == 'color' else 'scale'} {detected[k]} where "
                      f"{nearest[k]} is expected" for k in differ)
     return (f"{kind or 'layout mix-up'}: {source} agrees with the reference only with input "
