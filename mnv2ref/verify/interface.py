@@ -19,6 +19,11 @@ from ..interfaces import COLORS, LAYOUTS, SCALES, to_network_input
 
 ORIGINAL = {"layout": "NHWC", "color": "RGB", "scale": "[-1,1]"}
 
+# Another interface than the expected one is "detected" only if it fits
+# clearly better: a bug in their first layer leaves every candidate far off,
+# and the expected one need not be the least far.
+CLEARLY_BETTER = 0.5
+
 
 def layout_of(input_shape: Optional[Sequence]) -> Optional[str]:
     """NHWC or NCHW from a 4-d input shape (None entries are unknown sizes);
@@ -77,21 +82,36 @@ def to_network(x: np.ndarray, layout: str = "NHWC", color: str = "RGB", scale: s
 
 def identify(theirs: np.ndarray, ours: np.ndarray) -> tuple:
     """(interface, relative error): how a foreign input array `theirs`
-    relates to our network input `ours` (N, H, W, 3), the best candidate."""
+    relates to our network input `ours` (N, H, W, 3). Candidates are ranked
+    by their relative L2 distance, which a few differing pixels (another
+    resize) do not dominate; an expected interface is kept unless another
+    is clearly closer."""
     from ..compare import relative_error
 
-    best = None
+    distances = {}
     for candidate in candidates(layout_of(theirs.shape)):
         try:
             converted = to_network(theirs.astype(np.float32), **candidate)
         except Exception:  # noqa: BLE001 - a candidate that does not even fit the shape
             continue
-        if converted.shape != ours.shape:
-            continue
-        error = relative_error(converted, ours)
-        if best is None or error < best[1]:
-            best = (candidate, error)
-    return best if best else (None, float("inf"))
+        if converted.shape == ours.shape:
+            distances[describe(candidate)] = (candidate, np.linalg.norm(converted - ours) / np.linalg.norm(ours))
+    if not distances:
+        return None, float("inf")
+    chosen = _prefer_expected(list(distances.values()), None)
+    return chosen, relative_error(to_network(theirs.astype(np.float32), **chosen), ours)
+
+
+def _prefer_expected(scored: list, declared: Optional[dict]) -> dict:
+    """The interface of the best (interface, error) pair, or the best
+    expected one when the best is not clearly better."""
+    best, best_error = min(scored, key=lambda pair: pair[1])
+    accepted = [pair for pair in scored if pair[0] in expected(declared, best["layout"])]
+    if accepted:
+        nearest, nearest_error = min(accepted, key=lambda pair: pair[1])
+        if best_error > CLEARLY_BETTER * nearest_error:
+            return nearest
+    return best
 
 
 def describe(interface: dict) -> str:
@@ -115,12 +135,6 @@ def spatial_size(input_shape) -> tuple:
         return (224, 224)
     h, w = (input_shape[1:3] if layout == "NHWC" else input_shape[2:4])
     return (h or 224, w or 224)
-
-
-# Another interface than the expected one is "detected" only if it fits
-# clearly better: a bug in their first layer leaves every candidate far off,
-# and the expected one need not be the least far.
-CLEARLY_BETTER = 0.5
 
 
 def detect(foreign, reference=None, x: Optional[np.ndarray] = None, ours: Optional[dict] = None,
@@ -166,14 +180,7 @@ def detect(foreign, reference=None, x: Optional[np.ndarray] = None, ours: Option
         from ..errors import InputError
 
         raise InputError(f"{foreign.source} refuses input in any layout ({x.shape} as NHWC and NCHW)")
-    best, best_error = min(errors.values(), key=lambda pair: pair[1])
-    accepted = [pair for pair in errors.values()
-                if pair[0] in expected(declared or foreign.declared, best["layout"])]
-    if accepted:
-        nearest, nearest_error = min(accepted, key=lambda pair: pair[1])
-        if best_error > CLEARLY_BETTER * nearest_error:
-            best = nearest
-    return best, {k: v[1] for k, v in errors.items()}
+    return _prefer_expected(list(errors.values()), declared or foreign.declared), {k: v[1] for k, v in errors.items()}
 
 
 def expected(declared: Optional[dict], layout: str) -> list:
