@@ -97,9 +97,9 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
         if not run.hints and run.tried and divergent == next(iter(theirs)) \
                 and min(run.tried.values()) > NOTHING_FITS:
             run.hints.append(f"no input interface fits: with the best one ({describe(run.interface)}) their "
-                             f"first endpoint is still {min(run.tried.values()):.1e} off; check the colour "
-                             "order (RGB/BGR), the scale ([-1, 1] or 0-255) and the mean/std of their "
-                             "preprocessing")
+                             f"first endpoint is still {min(run.tried.values()):.1e} off (tried RGB and BGR, "
+                             "each in [-1, 1], 0-255, [0, 1] and ImageNet mean/std); check the colour order, "
+                             "the scale and the mean/std of their preprocessing")
     if not theirs:
         run.notes.append("none of their tensors could be matched to an endpoint")
     return VerifyReport(model=foreign.source, interface=run.interface, precision=foreign.precision,
@@ -134,6 +134,7 @@ def _run_dump(foreign, reference, x, images, tolerance) -> _Run:
     """A dump: compare its `input` with our preprocessing, then run ours on
     their input, from which their tensors were computed."""
     from ..errors import InputError
+
     interface, input_error = identify(foreign.input, x)
     if interface is None:
         raise InputError(f"{foreign.source}: its `input` {foreign.input.shape} is no image batch of "

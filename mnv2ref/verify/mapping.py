@@ -68,7 +68,7 @@ def name_rules(model) -> list:
              (r"(^|\.)features\.0$", "layer_1", 1), (rf"(^|\.)features\.{last - 1}$", f"layer_{last}", 1),
              (r"(^|\.)classifier(\.1)?$", "Logits", 1)]
     for index in range(2, last):
-        layer, r = f"layer_{index}", roles[f"layer_{index}"]
+        r = roles[f"layer_{index}"]
         slim = "expanded_conv" + (f"_{index - 2}" if index > 2 else "")
         keras = f"block_{index - 2}" if index > 2 else "expanded_conv"
         torch = rf"(^|\.)features\.{index - 1}"
