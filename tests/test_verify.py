@@ -529,9 +529,10 @@ def test_unknown_file_type(tmp_path):
 
 def test_load_foreign_predict_in_our_interface(peers, synthetic):
     foreign = load_foreign(peers / "openvino_converted_0.35_224.xml")
+    assert foreign.interface == INTERFACES["converted"]  # the card's, for an NCHW model
     x = reference_input()
-    foreign.detect_interface(synthetic, x)
-    assert foreign.interface == INTERFACES["converted"]
+    foreign.interface = INTERFACES["original"] | {"layout": "NCHW"}
+    assert foreign.detect_interface(synthetic, x) == INTERFACES["converted"] == foreign.interface
     probs = foreign.predict(x)
     assert probs.shape == (1, 1001)
     np.testing.assert_allclose(probs, synthetic.predict(x, backend="numpy"), atol=2e-6)
