@@ -197,6 +197,22 @@ def test_exported_graph_passes_with_ambiguous_shapes(synthetic, bug_dir):
     assert report.passed, report.format()
 
 
+def test_graph_ending_at_logits_has_no_predictions(synthetic, bug_dir):
+    def drop_softmax(graph):
+        for node in [n for n in graph.node if n.op_type == "Softmax" or n.output[0] == "Predictions"]:
+            graph.node.remove(node)
+        graph.output.remove(next(o for o in graph.output if o.name == "Predictions"))
+        for node in graph.node:  # and no name tells what the last tensors are
+            node.output[:] = [{"Logits": "out", "global_pool": "pooled"}.get(n, n) for n in node.output]
+        for output in graph.output:
+            output.name = {"Logits": "out", "global_pool": "pooled"}.get(output.name, output.name)
+
+    report = verify(_edited(synthetic, bug_dir, "logits", drop_softmax), weights=synthetic)
+    assert report.passed, report.format()
+    theirs = {m.name: m.foreign for m in report.endpoints}
+    assert theirs["Predictions"] is None and theirs["Logits"] == "Logits/flatten"
+
+
 # --- each classic bug: the right first divergence and the right hint -------------------------
 
 ONNX_EDITS = {"symmetric_padding": symmetric_padding, "symmetric_padding_everywhere": symmetric_padding_everywhere,

@@ -200,6 +200,8 @@ def align(model, ours: dict, tensors: list, shapes: dict, layout: Optional[str])
         after = [position[found[e][0]] for e in order[i + 1:] if e in found]
         low, high = (max(before) if before else -1), (min(after) if after else len(names))
         for j in range(low + 1, high):
+            if endpoint == "Predictions" and tensors[j].kind not in (None, "softmax"):
+                continue  # in a graph, only a softmax makes probabilities
             if fit(shapes[names[j]], ours[endpoint], layout):
                 found[endpoint] = (names[j], fit(shapes[names[j]], ours[endpoint], layout), 3)
                 break
@@ -248,12 +250,13 @@ def _structure(model, ours: dict, tensors: list, shapes: dict, layout) -> dict:
             found[add_endpoint] = chain_end  # no residual add: their block ends at the projection
     last_layer = f"layer_{len(model.specs)}"
     if last_layer in found:
-        after = [t.name for t in tensors[[t.name for t in tensors].index(found[last_layer]) + 1:]]
-        pool = next((n for n in after if fit(shapes[n], ours["global_pool"], layout)), None)
+        after = tensors[[t.name for t in tensors].index(found[last_layer]) + 1:]
+        pool = next((t.name for t in after if fit(shapes[t.name], ours["global_pool"], layout)), None)
         if pool:
             found["global_pool"] = pool
-        if "Predictions" in ours:
-            probs = [n for n in after if fit(shapes[n], ours["Predictions"], layout)]
-            if probs:
-                found["Predictions"] = probs[-1]
+        # Only a softmax is Predictions: a graph that ends at its logits has none.
+        probs = next((t.name for t in after if t.kind == "softmax" and "Predictions" in ours
+                      and fit(shapes[t.name], ours["Predictions"], layout)), None)
+        if probs:
+            found["Predictions"] = probs
     return found
