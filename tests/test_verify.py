@@ -513,6 +513,13 @@ def test_cli_exit_codes(synthetic, synthetic_prefix, x96, ours96, bug_dir):
     assert result.returncode == 2 and "mnv2ref: error:" in result.stderr and "missing.onnx" in result.stderr
 
 
+def test_onnx_session_threads_and_no_spinning(peers):
+    options = load_foreign(peers / "tf2onnx_mobilenet_v2_0.35_224.onnx", threads=1).session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
 def test_missing_runtime_names_the_extra(peers, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingDependencyError, match=r'pip install "mnv2ref\[verify\]"'):
