@@ -520,10 +520,16 @@ def test_onnx_session_threads_and_no_spinning(peers):
     assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
 
 
-def test_missing_runtime_names_the_extra(peers, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+@pytest.mark.parametrize("name, modules", [
+    ("tf2onnx_mobilenet_v2_0.35_224.onnx", ["onnxruntime"]),
+    ("openvino_converted_0.35_224.xml", ["openvino"]),
+    ("tflite_mobilenet_v2_0.35_224.tflite", ["ai_edge_litert", "tflite_runtime"]),
+])
+def test_missing_runtime_names_the_extra(peers, monkeypatch, name, modules):
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(MissingDependencyError, match=r'pip install "mnv2ref\[verify\]"'):
-        load_foreign(peers / "tf2onnx_mobilenet_v2_0.35_224.onnx")
+        load_foreign(peers / name)
 
 
 def test_keras_file_without_keras(peers):
