@@ -87,7 +87,7 @@ class TfliteModel(ForeignModel):
 def _ops(interpreter, details: dict, input_index: int) -> list:
     """The ops in execution order, {"op_name", "inputs", "outputs"}. The op
     graph is only available through `_get_ops_details` (private, but stable
-    for years); without it every non-constant tensor counts, op unknown."""
+    for years); without it every tensor counts, in index order, op unknown."""
     if hasattr(interpreter, "_get_ops_details"):
         return interpreter._get_ops_details()
     return [{"op_name": None, "inputs": [], "outputs": [index]} for index in sorted(details)
