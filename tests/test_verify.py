@@ -551,6 +551,16 @@ def test_verify_is_callable_and_a_package(synthetic):
     assert report.passed and [m.name for m in report.matched] == ["layer_1"]
 
 
+def test_interface_argument_parsing():
+    from mnv2ref.verify.interface import parse
+
+    assert parse("converted") == INTERFACES["converted"]
+    assert parse("NCHW,RGB,[-1,1]") == {"layout": "NCHW", "color": "RGB", "scale": "[-1,1]"}
+    assert parse("NHWC,BGR,mean-std")["scale"] == "mean-std"
+    with pytest.raises(InputError, match="LAYOUT,COLOR,SCALE"):
+        parse("NCHW,RGB")
+
+
 def test_unknown_file_type(tmp_path):
     with pytest.raises(InputError, match="expected an .onnx"):
         load_foreign(tmp_path / "model.pt")
