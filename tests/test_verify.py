@@ -213,6 +213,28 @@ def test_graph_ending_at_logits_has_no_predictions(synthetic, bug_dir):
     assert theirs["Predictions"] is None and theirs["Logits"] == "Logits/flatten"
 
 
+def test_unnamed_graph_with_an_extra_conv_aligns_by_order(synthetic, bug_dir):
+    # One conv more than ours (so no structural match) and no names: the order pass must take
+    # each chain's end (the Clip), not the conv output before it.
+    from onnx import helper, numpy_helper
+
+    def extra_conv_no_names(graph):
+        graph.initializer.append(numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye"))
+        for node in graph.node:
+            node.input[:] = ["input/eye" if i == "input/to_nchw" else i for i in node.input]
+        at = next(i for i, n in enumerate(graph.node) if n.output[0] == "input/to_nchw")
+        graph.node.insert(at + 1, helper.make_node("Conv", ["input/to_nchw", "eye"], ["input/eye"], kernel_shape=[1, 1]))
+        outputs, renamed = {o.name for o in graph.output}, {}
+        for i, node in enumerate(graph.node):
+            node.input[:] = [renamed.get(n, n) for n in node.input]
+            for j, name in enumerate(node.output):
+                if name not in outputs:
+                    renamed[name] = node.output[j] = f"t{i}_{j}"
+
+    report = verify(_edited(synthetic, bug_dir, "extra_conv", extra_conv_no_names), weights=synthetic)
+    assert report.passed and len(report.matched) == 65, report.format()
+
+
 # --- each classic bug: the right first divergence and the right hint -------------------------
 
 ONNX_EDITS = {"symmetric_padding": symmetric_padding, "symmetric_padding_everywhere": symmetric_padding_everywhere,
