@@ -223,7 +223,8 @@ def test_unnamed_graph_with_an_extra_conv_aligns_by_order(synthetic, bug_dir):
         for node in graph.node:
             node.input[:] = ["input/eye" if i == "input/to_nchw" else i for i in node.input]
         at = next(i for i, n in enumerate(graph.node) if n.output[0] == "input/to_nchw")
-        graph.node.insert(at + 1, helper.make_node("Conv", ["input/to_nchw", "eye"], ["input/eye"], kernel_shape=[1, 1]))
+        graph.node.insert(at + 1, helper.make_node("Conv", ["input/to_nchw", "eye"], ["input/eye"],
+                                                   kernel_shape=[1, 1]))
         outputs, renamed = {o.name for o in graph.output}, {}
         for i, node in enumerate(graph.node):
             node.input[:] = [renamed.get(n, n) for n in node.input]
