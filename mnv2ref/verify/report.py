@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -100,6 +101,17 @@ class VerifyReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def write_json(self, path) -> None:
+        """Write `to_json()` to `path` (atomically), or to stdout for "-"."""
+        if str(path) == "-":
+            sys.stdout.write(self.to_json())
+            return
+        from ..files import atomic_write
+
+        with atomic_write(path, suffix=".json") as tmp:
+            tmp.write_text(self.to_json(), encoding="utf-8")
+        print(f"mnv2ref: wrote {path}", file=sys.stderr)
 
     def format(self) -> str:
         """A table (endpoint, their tensor, error, cosine), the notes and
