@@ -584,6 +584,13 @@ def test_interface_argument_parsing():
         parse("NCHW,RGB")
 
 
+def test_nothing_matched_is_an_error(synthetic, x96, bug_dir):
+    path = bug_dir / "unrelated.npz"
+    np.savez(path, input=x96, features=np.zeros((1, 7, 7, 5), np.float32))
+    with pytest.raises(InputError, match="none of its tensors"):
+        verify(path, weights=synthetic)
+
+
 def test_unknown_file_type(tmp_path):
     with pytest.raises(InputError, match="expected an .onnx"):
         load_foreign(tmp_path / "model.pt")

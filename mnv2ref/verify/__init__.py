@@ -84,6 +84,10 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
                          f"{min(e for k, e in run.tried.items() if k != describe(run.interface)):.1e})")
 
     rows, theirs = _compare(reference, foreign, run)
+    if not theirs:
+        raise InputError(f"{foreign.source}: none of its tensors {', '.join(list(run.outputs)[:5])} ... has the "
+                         f"shape of one of our endpoints for input {run.x.shape} (is it a MobileNetV2 of "
+                         f"depth multiplier {reference.depth_multiplier:g}?)")
     if foreign.precision != "float32":
         run.notes.append(
             f"a {foreign.precision} model: its error grows layer by layer by design; an endpoint diverges "
@@ -101,8 +105,6 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
                              f"first endpoint is still {min(run.tried.values()):.1e} off (tried RGB and BGR, "
                              "each in [-1, 1], 0-255, [0, 1] and ImageNet mean/std); check the colour order, "
                              "the scale and the mean/std of their preprocessing")
-    if not theirs:
-        run.notes.append("none of their tensors could be matched to an endpoint")
     return VerifyReport(model=foreign.source, interface=run.interface, precision=foreign.precision,
                         endpoints=rows, first_divergence=run.first or divergent, hints=run.hints,
                         tolerance=tolerance, notes=run.notes)
