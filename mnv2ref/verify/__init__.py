@@ -85,9 +85,11 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
 
     rows, theirs = _compare(reference, foreign, run)
     if not theirs:
-        raise InputError(f"{foreign.source}: none of its tensors {', '.join(list(run.outputs)[:5])} ... has the "
-                         f"shape of one of our endpoints for input {run.x.shape} (is it a MobileNetV2 of "
-                         f"depth multiplier {reference.depth_multiplier:g}?)")
+        names = list(run.outputs)
+        raise InputError(f"{foreign.source}: none of its tensors ({', '.join(names[:4])}"
+                         f"{', ...' if len(names) > 4 else ''}) has the shape of one of our endpoints for "
+                         f"input {run.x.shape} (is it a MobileNetV2 of depth multiplier "
+                         f"{reference.depth_multiplier:g}?)")
     if foreign.precision != "float32":
         run.notes.append(
             f"a {foreign.precision} model: its error grows layer by layer by design; an endpoint diverges "
