@@ -80,7 +80,10 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
+from .architecture import MAX_MODEL_VALUES
 from .errors import CheckpointError, ChecksumError
+from .files import check_regular_file
+from .text import printable
 
 __all__ = [
     "BlockHandle",
@@ -243,7 +246,7 @@ class _Cursor:
 # Snappy (block compression type 1)
 # ---------------------------------------------------------------------------
 
-_SNAPPY_MAX_LENGTH = 0xFFFFFFFF  # the preamble is a 32-bit length
+_SNAPPY_MAX_RATIO = 22  # a 3-byte copy element yields at most 64 bytes
 
 
 def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
@@ -265,12 +268,21 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
     A copy repeats ``length`` bytes starting ``offset`` bytes back in the
     output; it may overlap what it writes (offset 1, length 5 repeats the
     last byte five times), which is run-length encoding for free.
+
+    The work is bounded by the input: the announced length is checked
+    against the most ``len(data)`` bytes can expand to (a 3-byte copy makes
+    at most 64 bytes) before anything is allocated, every element consumes
+    at least one input byte, and a copy moves only the bytes it produces.
     """
     cursor = _Cursor(data, what)
     expected = cursor.varint()
-    if expected > _SNAPPY_MAX_LENGTH:
-        raise CheckpointError(f"{what}: uncompressed length {expected} exceeds 2**32 - 1")
-    out = bytearray()
+    if expected > _SNAPPY_MAX_RATIO * len(data):
+        raise CheckpointError(
+            f"{what}: uncompressed length {expected} is more than {len(data)} compressed "
+            f"bytes can encode (at most {_SNAPPY_MAX_RATIO}x)"
+        )
+    out = bytearray(expected)
+    pos = 0
     while not cursor.at_end():
         tag = cursor.uint_le(1)
         kind = tag & 3
@@ -278,7 +290,10 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
             length = tag >> 2
             if length >= 60:
                 length = cursor.uint_le(length - 59)
-            chunk = cursor.take(length + 1)
+            length += 1
+            if length > expected - pos:
+                raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
+            out[pos : pos + length] = cursor.take(length)
         else:
             if kind == 1:
                 length = 4 + ((tag >> 2) & 7)
@@ -286,19 +301,21 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
             else:
                 length = (tag >> 2) + 1
                 offset = cursor.uint_le(2 if kind == 2 else 4)
-            if not 0 < offset <= len(out):
+            if not 0 < offset <= pos:
                 raise CheckpointError(
                     f"{what}: copy offset {offset} at byte {cursor.pos} points outside "
-                    f"the {len(out)} bytes decoded so far"
+                    f"the {pos} bytes decoded so far"
                 )
-            # Repeating the last `offset` bytes is exactly an overlapping copy.
-            window = bytes(out[-offset:])
-            chunk = (window * (length // offset + 1))[:length]
-        if len(out) + len(chunk) > expected:
-            raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
-        out += chunk
-    if len(out) != expected:
-        raise CheckpointError(f"{what}: decoded {len(out)} bytes, announced {expected}")
+            if length > expected - pos:
+                raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
+            start = pos - offset
+            if offset >= length:
+                out[pos : pos + length] = out[start : start + length]
+            else:  # an overlapping copy repeats the last `offset` bytes (length <= 64)
+                out[pos : pos + length] = (bytes(out[start:pos]) * (length // offset + 1))[:length]
+        pos += length
+    if pos != expected:
+        raise CheckpointError(f"{what}: decoded {pos} bytes, announced {expected}")
     return bytes(out)
 
 
@@ -307,6 +324,7 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
 # ---------------------------------------------------------------------------
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
+_MAX_INDEX_BYTES = 64 << 20
 _FOOTER_SIZE = 48  # two handles of up to 2 * 10 varint bytes, zero padding, 8-byte magic
 _HANDLES_SIZE = 40
 _BLOCK_TRAILER_SIZE = 5  # compression type (1 byte) + masked CRC32C (4 bytes)
@@ -433,10 +451,16 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     is corrupted.
     """
     path = Path(path)
+    size = check_regular_file(path, "checkpoint index").st_size
+    if size > _MAX_INDEX_BYTES:
+        raise CheckpointError(
+            f"'{printable(path)}': {size:,} bytes is too large for a checkpoint index "
+            f"(at most {_MAX_INDEX_BYTES:,}; a MobileNetV2's is about 20 KB)"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint index '{path}': {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint index '{printable(path)}': {exc}") from exc
 
     _metaindex, index_handle = _parse_footer(data, path)  # TensorFlow's metaindex is empty
     index_what = _describe_block(path, index_handle, "table index block")
@@ -799,14 +823,38 @@ def _shard_sizes(prefix: Path, header: BundleHeader, index_file: Path) -> list[i
     sizes = []
     for shard in range(header.num_shards):
         path = _data_file(prefix, shard, header.num_shards)
-        try:
-            sizes.append(path.stat().st_size)
-        except OSError as exc:
+        if not path.exists():
             raise CheckpointError(
-                f"checkpoint '{prefix}': missing data shard '{path}' "
-                f"(shard {shard} of {header.num_shards}): {exc.strerror}"
-            ) from None
+                f"checkpoint '{printable(prefix)}': missing data shard '{printable(path)}' "
+                f"(shard {shard} of {header.num_shards})"
+            )
+        sizes.append(check_regular_file(path, "checkpoint data shard").st_size)
     return sizes
+
+
+# A training checkpoint holds each variable up to four times (value, moving
+# average, two optimizer slots), in float32: 16 bytes per value of the
+# largest network mnv2ref loads, about 197 MB.
+MAX_CHECKPOINT_BYTES = 16 * MAX_MODEL_VALUES
+
+
+def _check_layout(entries: dict[str, TensorEntry], index_file: Path) -> None:
+    """Refuse entries whose bytes overlap (a tiny index can point thousands
+    of tensors at one block and cost gigabytes to read) and a total larger
+    than ``MAX_CHECKPOINT_BYTES``, before any tensor is read."""
+    total = sum(entry.size for entry in entries.values())
+    if total > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(
+            f"'{printable(index_file)}': its tensors declare {total:,} bytes, more than the "
+            f"{MAX_CHECKPOINT_BYTES:,} a MobileNetV2 checkpoint can need"
+        )
+    spans = sorted((e.shard_id, e.offset, e.offset + e.size, e.name) for e in entries.values() if e.size)
+    for (shard, _, end, name), (next_shard, start, _, next_name) in zip(spans, spans[1:]):
+        if shard == next_shard and start < end:
+            raise CheckpointError(
+                f"'{printable(index_file)}': tensors '{printable(name)}' and '{printable(next_name)}' "
+                f"share bytes {start}-{end} of shard {shard}: each tensor must have bytes of its own"
+            )
 
 
 def read_checkpoint(prefix: str | os.PathLike, verify: bool = True) -> Checkpoint:
@@ -858,4 +906,5 @@ def read_checkpoint(prefix: str | os.PathLike, verify: bool = True) -> Checkpoin
                 f"of '{data_file}' ({shard_sizes[entry.shard_id]} bytes): the data file is truncated"
             )
         entries[name] = entry
+    _check_layout(entries, index_file)
     return Checkpoint(prefix, header, entries, verify=verify)

@@ -11,12 +11,15 @@ less the umask), not `mkstemp`'s private 0600.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from .errors import FileError
+from .text import printable
 
 
 def umask_mode() -> int:
@@ -30,7 +33,44 @@ def os_error(error: OSError, path, doing: str) -> FileError:
     """An OSError as a FileError naming `path` and what was being done, e.g.
     "cannot write out.h5: [Errno 28] No space left on device"."""
     reason = error.strerror or str(error)
-    return FileError(error.errno, f"cannot {doing} {path}: {reason}", str(path))
+    return FileError(error.errno, f"cannot {doing} {printable(path)}: {reason}", str(path))
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path, what: str = "file") -> os.stat_result:
+    """Refuse, before anything opens it, a `path` that is not a regular file
+    (after symlinks): missing, a folder, or a FIFO, device or socket, which
+    would block a reader forever or never end. Raises FileError naming
+    `what` ("image", "weights file", ...) and the path; returns its stat.
+
+    Every input mnv2ref reads goes through this first."""
+    try:
+        st = os.stat(path)
+    except OSError as error:
+        raise os_error(error, path, f"read {what}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FileError(errno.EISDIR, f"cannot read {what} {printable(path)}: it is a folder", str(path))
+    for is_kind, kind in _SPECIAL_KINDS:
+        if is_kind(st.st_mode):
+            raise FileError(errno.EINVAL, f"cannot read {what} {printable(path)}: it is {kind}, "
+                            "not a regular file", str(path))
+    return st
+
+
+def check_not_overwriting(output, inputs) -> None:
+    """Refuse to write `output` when it is one of `inputs` (the same file, by
+    `os.path.samefile`, so links and other spellings count): writing the
+    result would destroy what it is made from."""
+    if not os.path.exists(output):
+        return
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(output, source):
+                raise FileError(errno.EEXIST, f"refusing to write {printable(output)}: it is "
+                                f"the input {printable(source)}", str(output))
 
 
 @contextlib.contextmanager
