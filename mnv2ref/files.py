@@ -98,6 +98,8 @@ def atomic_write(path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
+    except FileError:
+        raise  # already names its path
     except OSError as error:
         raise os_error(error, path, "write") from None
     finally:

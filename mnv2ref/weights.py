@@ -22,6 +22,7 @@ survives is it read here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ from typing import Mapping
 import numpy as np
 
 from .architecture import MAX_MODEL_VALUES, PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
-from .errors import Mnv2refError, Mnv2refWarning, WeightsError
+from .errors import FileError, Mnv2refError, Mnv2refWarning, WeightsError
 from .files import atomic_write, check_not_overwriting, check_regular_file
 from .text import printable
 
@@ -210,13 +211,16 @@ def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path
 
     path = Path(path)
     with atomic_write(path) as tmp:
-        with h5py.File(tmp, "w", userblock_size=USER_BLOCK_SIZE) as f:
-            for name in sorted(variables):
-                f.create_dataset(name, data=np.asarray(variables[name], dtype=np.float32))
-            f.attrs["format"] = H5_FORMAT
-            f.attrs["format_version"] = H5_FORMAT_VERSION
-            for key, value in attributes.items():
-                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        try:
+            with h5py.File(tmp, "w", userblock_size=USER_BLOCK_SIZE) as f:
+                for name in sorted(variables):
+                    f.create_dataset(name, data=np.asarray(variables[name], dtype=np.float32))
+                f.attrs["format"] = H5_FORMAT
+                f.attrs["format_version"] = H5_FORMAT_VERSION
+                for key, value in attributes.items():
+                    f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        except RuntimeError as error:  # how h5py reports some failed writes (disk full)
+            raise FileError(errno.EIO, f"cannot write {printable(path)}: {error}", str(path)) from None
         with open(tmp, "r+b") as f:
             f.write(_user_block(sha256_of(tmp, USER_BLOCK_SIZE)))
     return path
