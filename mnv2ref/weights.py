@@ -304,13 +304,13 @@ def refuse_links_out(f, path) -> None:
     weights file must be self-contained, not read parts of other files."""
     import h5py
 
-    def visit(name, link):
-        if not isinstance(link, (h5py.HardLink, h5py.SoftLink)):
-            target = getattr(link, "filename", "?")
-            raise WeightsError(f"{printable(path)}: {printable(name)} is an {type(link).__name__} "
-                               f"to {printable(target)}; weights files must be self-contained")
-
-    f.visititems_links(visit)
+    found = f.visititems_links(lambda name, link: None if isinstance(link, (h5py.HardLink, h5py.SoftLink))
+                               else (name, link))  # the first other link stops the visit
+    if found:
+        name, link = found
+        raise WeightsError(f"{printable(path)}: {printable(name)} is an {type(link).__name__} "
+                           f"to {printable(getattr(link, 'filename', '?'))}; weights files must be "
+                           "self-contained")
 
 
 def check_self_contained(dataset, path) -> None:
