@@ -870,7 +870,7 @@ def read_checkpoint(prefix: str | os.PathLike, verify: bool = True) -> Checkpoin
     """
     prefix = _resolve_prefix(prefix)
     index_file = Path(f"{prefix}.index")
-    if not index_file.is_file():
+    if not index_file.exists():
         parent = index_file.parent
         nearby = sorted(p.name for p in parent.glob(f"{prefix.name}*")) if parent.is_dir() else []
         raise CheckpointError(

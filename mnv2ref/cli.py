@@ -477,7 +477,8 @@ def main(argv=None) -> int:
         print(f"mnv2ref: internal error: {type(error).__name__}: {printable(error)} "
               "(set MNV2REF_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
     finally:
-        if in_main_thread:
+        # After a SIGTERM the handler is SIG_IGN and stays so: the process is on its way out.
+        if in_main_thread and signal.getsignal(signal.SIGTERM) is _terminate:
             signal.signal(signal.SIGTERM, previous)
     return 1
 

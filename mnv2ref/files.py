@@ -67,10 +67,13 @@ def check_not_overwriting(output, inputs) -> None:
     if not os.path.exists(output):
         return
     for source in inputs:
-        with contextlib.suppress(OSError):
-            if os.path.samefile(output, source):
-                raise FileError(errno.EEXIST, f"refusing to write {printable(output)}: it is "
-                                f"the input {printable(source)}", str(output))
+        try:
+            same = os.path.samefile(output, source)
+        except OSError:  # a missing input cannot be overwritten
+            continue
+        if same:
+            raise FileError(errno.EEXIST, f"refusing to write {printable(output)}: it is "
+                            f"the input {printable(source)}", str(output))
 
 
 @contextlib.contextmanager
@@ -86,7 +89,13 @@ def atomic_write(path, suffix: str = ".tmp") -> Iterator[Path]:
     """
     path = Path(path)
     if path.is_dir():
-        raise FileError(21, f"cannot write {path}: it is a folder", str(path))
+        raise FileError(errno.EISDIR, f"cannot write {printable(path)}: it is a folder", str(path))
+    for parent in path.parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileError(errno.ENOTDIR, f"cannot write {printable(path)}: {printable(parent)} "
+                                "is not a folder", str(path))
+            break
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)

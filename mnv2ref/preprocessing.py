@@ -32,9 +32,11 @@ we use Pillow, and convert every Pillow mode to RGB the way TensorFlow's
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
+import warnings
 from typing import Tuple, Union
 
 import numpy as np
@@ -177,13 +179,14 @@ def _as_local_path(path) -> str:
 
 def _check_file(name: str) -> None:
     """Fail early, with a precise message, on paths that cannot be an image file."""
-    if not os.path.lexists(name):
-        raise _image_error(name, "no such file")
     try:
         st = check_regular_file(name, "image")
     except FileError as exc:
-        reason = "is a directory, not an image file" if os.path.isdir(name) else str(exc)
-        raise _image_error(name, reason) from None
+        if exc.errno == errno.ENOENT:
+            raise _image_error(name, "no such file") from None
+        if exc.errno == errno.EISDIR:
+            raise _image_error(name, "is a directory, not an image file") from None
+        raise ImageError(str(exc)) from None  # a FIFO, a device, a path below a file...
     if st.st_size == 0:
         raise _image_error(name, "file is empty (0 bytes)")
 
@@ -206,7 +209,9 @@ def _decode(name: str) -> Image.Image:
         saved = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
-            img = Image.open(name, formats=ACCEPTED_FORMATS)
+            with warnings.catch_warnings():  # our MAX_IMAGE_PIXELS is stricter than Pillow's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(name, formats=ACCEPTED_FORMATS)
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 reason = (f"refusing to decode {img.width}x{img.height} pixels, more than the "
                           f"{MAX_IMAGE_PIXELS:,} mnv2ref decodes (a possible decompression bomb)")
