@@ -82,7 +82,7 @@ from numba import njit
 
 from .architecture import MAX_MODEL_VALUES
 from .errors import CheckpointError, ChecksumError
-from .files import check_regular_file
+from .files import check_regular_file, os_error
 from .text import printable
 
 __all__ = [
@@ -460,7 +460,7 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint index '{printable(path)}': {exc}") from exc
+        raise os_error(exc, path, "read checkpoint index") from None
 
     _metaindex, index_handle = _parse_footer(data, path)  # TensorFlow's metaindex is empty
     index_what = _describe_block(path, index_handle, "table index block")
@@ -786,7 +786,7 @@ def _read_tensor(entry: TensorEntry, data_file: Path, verify: bool) -> np.ndarra
             f.seek(entry.offset)
             got = f.readinto(raw)
     except OSError as exc:
-        raise CheckpointError(f"cannot read {where}: {exc}") from exc
+        raise os_error(exc, data_file, f"read tensor '{printable(entry.name)}' from") from None
     if got != entry.size:
         raise CheckpointError(f"{where}: read only {got} bytes, the data file is truncated")
     if verify:

@@ -35,7 +35,7 @@ import numpy as np
 
 from .architecture import MAX_MODEL_VALUES, PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
 from .errors import FileError, Mnv2refError, Mnv2refWarning, WeightsError
-from .files import atomic_write, check_not_overwriting, check_regular_file
+from .files import atomic_write, check_not_overwriting, check_regular_file, os_error
 from .text import printable
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -259,7 +259,11 @@ def read_h5(path) -> tuple:
     if not path.exists():
         raise WeightsError(f"{printable(path)}: no such weights file")
     check_regular_file(path, "weights file")
-    if not has_intact_digest(path):
+    try:
+        intact = has_intact_digest(path)
+    except OSError as error:  # permission denied, an I/O error
+        raise os_error(error, path, "read weights file") from None
+    if not intact:
         probe_h5(path)
     return read_h5_datasets(path)
 

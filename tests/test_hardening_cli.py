@@ -249,6 +249,24 @@ def test_unreadable_input_is_a_file_error(tmp_path):
         mnv2ref.MobileNetV2.from_h5(path)
 
 
+def test_read_errors_are_file_errors_naming_the_path(small_prefix, tmp_path, monkeypatch):
+    """As root, chmod 000 blocks nothing: the refusal of the OS is simulated."""
+    import mnv2ref.checkpoint
+    import mnv2ref.weights
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    h5 = mnv2ref.convert(small_prefix, tmp_path / "w.h5")
+    checkpoint = read_checkpoint(small_prefix)
+    monkeypatch.setattr(mnv2ref.weights, "open", denied, raising=False)
+    monkeypatch.setattr(mnv2ref.checkpoint, "open", denied, raising=False)
+    with pytest.raises(FileError, match=f"cannot read weights file {h5}: Permission denied"):
+        mnv2ref.MobileNetV2.from_h5(h5)
+    with pytest.raises(FileError, match="cannot read tensor 'MobilenetV2/Conv/weights' from .*Permission denied"):
+        checkpoint["MobilenetV2/Conv/weights"]
+
+
 def test_input_below_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(mnv2ref.ImageError, match="Not a directory"):
