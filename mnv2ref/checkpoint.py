@@ -249,7 +249,7 @@ class _Cursor:
 _SNAPPY_MAX_RATIO = 22  # a 3-byte copy element yields at most 64 bytes
 
 
-def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
+def snappy_decompress(data: bytes, what: str = "snappy block", max_length: int | None = None) -> bytes:
     """Decompress one raw Snappy block (no framing format).
 
     The block starts with the uncompressed length as a varint, then a
@@ -273,6 +273,7 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
     against the most ``len(data)`` bytes can expand to (a 3-byte copy makes
     at most 64 bytes) before anything is allocated, every element consumes
     at least one input byte, and a copy moves only the bytes it produces.
+    ``max_length``, if given, caps the announced length too.
     """
     cursor = _Cursor(data, what)
     expected = cursor.varint()
@@ -281,6 +282,8 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
             f"{what}: uncompressed length {expected} is more than {len(data)} compressed "
             f"bytes can encode (at most {_SNAPPY_MAX_RATIO}x)"
         )
+    if max_length is not None and expected > max_length:
+        raise CheckpointError(f"{what}: uncompressed length {expected} is more than the {max_length} allowed")
     out = bytearray(expected)
     pos = 0
     while not cursor.at_end():
@@ -372,8 +375,9 @@ def _describe_block(path: Path, handle: BlockHandle, role: str) -> str:
     return f"'{path}': index block at offset {handle.offset} ({role}, {handle.size} bytes)"
 
 
-def _read_block(data: bytes, handle: BlockHandle, what: str) -> bytes:
-    """Check a block's bounds and CRC, and return its (decompressed) contents."""
+def _read_block(data: bytes, handle: BlockHandle, what: str, max_length: int) -> bytes:
+    """Check a block's bounds and CRC, and return its (decompressed) contents,
+    refusing a Snappy block that would decompress to more than ``max_length``."""
     blocks_end = len(data) - _FOOTER_SIZE
     end = handle.offset + handle.size
     if end + _BLOCK_TRAILER_SIZE > blocks_end:
@@ -391,9 +395,11 @@ def _read_block(data: bytes, handle: BlockHandle, what: str) -> bytes:
     compression = data[end]
     contents = data[handle.offset : end]
     if compression == _NO_COMPRESSION:
+        if len(contents) > max_length:  # e.g. the same block listed over and over
+            raise CheckpointError(f"{what}: the index's blocks hold more than {_MAX_INDEX_BYTES} bytes")
         return contents
     if compression == _SNAPPY_COMPRESSION:
-        return snappy_decompress(contents, what)
+        return snappy_decompress(contents, what, max_length)
     raise CheckpointError(
         f"{what}: unsupported block compression type {compression} "
         f"(expected {_NO_COMPRESSION} = none or {_SNAPPY_COMPRESSION} = snappy)"
@@ -464,7 +470,10 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
 
     _metaindex, index_handle = _parse_footer(data, path)  # TensorFlow's metaindex is empty
     index_what = _describe_block(path, index_handle, "table index block")
-    index_block = _read_block(data, index_handle, index_what)
+    # Decompressed, the blocks together may hold no more than an index file may.
+    budget = _MAX_INDEX_BYTES
+    index_block = _read_block(data, index_handle, index_what, budget)
+    budget -= len(index_block)
     pairs: list[tuple[bytes, bytes]] = []
     for _separator, handle_bytes in _parse_block(index_block, index_what):
         handle_cursor = _Cursor(handle_bytes, f"{index_what}: block handle")
@@ -472,7 +481,9 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
         if not handle_cursor.at_end():
             raise CheckpointError(f"{index_what}: block handle has trailing bytes")
         block_what = _describe_block(path, handle, "data block")
-        pairs.extend(_parse_block(_read_block(data, handle, block_what), block_what))
+        block = _read_block(data, handle, block_what, budget)
+        budget -= len(block)
+        pairs.extend(_parse_block(block, block_what))
 
     # Sorted, unique keys are the table's defining property; a table that
     # breaks it is corrupt, and duplicate names would silently shadow each other.

@@ -139,6 +139,23 @@ def test_snappy_block_of_many_tiny_far_copies_decodes_correctly():
     assert len(out) == total and out == (period * 6)[:total]
 
 
+def test_index_listing_one_block_over_and_over_is_refused(tmp_path):
+    from test_checkpoint import build_block, write_table
+    from mnv2ref.checkpoint import mask_crc, crc32c, read_table
+
+    path = tmp_path / "model.ckpt.index"
+    handles = write_table(path, [(b"", b"header"), (b"k" * 1000, b"v" * 60000)], per_block=2)
+    data = bytearray(path.read_bytes())
+    block = varint(handles[0][0]) + varint(handles[0][1])
+    listing = build_block([(b"%08d" % i, block) for i in range(3000)], 1)   # 3000 x 61 KB = 183 MB
+    offset = len(data) - 48
+    trailer = bytes([0]) + mask_crc(crc32c(listing + b"\0")).to_bytes(4, "little")
+    footer = varint(handles[1][0]) + varint(handles[1][1]) + varint(offset) + varint(len(listing))
+    path.write_bytes(bytes(data[:offset]) + listing + trailer + footer.ljust(40, b"\0") + bytes(data[-8:]))
+    with pytest.raises(CheckpointError, match="blocks hold more than"):
+        read_table(path)
+
+
 def test_protobuf_length_beyond_the_buffer_is_refused():
     from mnv2ref.checkpoint import parse_bundle_entry
 
