@@ -82,7 +82,8 @@ def atomic_write(path, suffix: str = ".tmp") -> Iterator[Path]:
     the umask's mode and rename it over `path`. On any failure the temporary
     file is removed and `path` is left as it was. OS errors (no such folder,
     permission denied, disk full, `path` is a folder) become `FileError`s
-    naming `path`.
+    naming `path`. A `path` that is a device or FIFO (`/dev/null`) is
+    yielded itself, to be written in place.
 
         with atomic_write("out.npy", suffix=".npy") as tmp:
             np.save(tmp, array)
@@ -90,6 +91,16 @@ def atomic_write(path, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise FileError(errno.EISDIR, f"cannot write {printable(path)}: it is a folder", str(path))
+    if path.exists() and not path.is_file():
+        # /dev/null, /dev/stdout, a FIFO: written in place. Renaming over it
+        # would replace the device itself (as root, /dev/null with a file).
+        try:
+            yield path
+        except FileError:
+            raise
+        except OSError as error:
+            raise os_error(error, path, "write") from None
+        return
     for parent in path.parents:  # the nearest existing ancestor must be a folder
         if parent.exists():
             if not parent.is_dir():

@@ -257,6 +257,22 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(small_prefix, tm
     assert os.listdir(tmp_path) == []
 
 
+def test_devices_and_fifos_are_written_in_place_not_replaced(tmp_path):
+    """Through links in tmp_path: were the device replaced, only the link would be."""
+    from mnv2ref.files import atomic_write
+
+    (tmp_path / "full").symlink_to("/dev/full")
+    with pytest.raises(FileError, match="cannot write .*full: No space left on device"):
+        with atomic_write(tmp_path / "full") as target, open(target, "wb") as f:
+            f.write(b"x" * 65536)
+    assert (tmp_path / "full").is_symlink() and Path("/dev/full").is_char_device()
+    (tmp_path / "null").symlink_to("/dev/null")
+    with atomic_write(tmp_path / "null", suffix=".npy") as target, open(target, "wb") as f:
+        np.save(f, np.zeros(3))
+    assert (tmp_path / "null").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["full", "null"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_input_is_a_file_error(tmp_path):
     path = tmp_path / "w.h5"
