@@ -38,20 +38,28 @@ def _load_batch(paths, size):
     return np.stack([preprocess(load_image(p), size=size) for p in paths])
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}  # preprocessing.ACCEPTED_FORMATS
+def _image_suffixes() -> set:
+    """The file extensions of the formats load_image reads (.jpg, .png, ...)."""
+    from PIL import Image
+
+    from .preprocessing import ACCEPTED_FORMATS
+
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS}
 
 
 def _expand_images(paths) -> list:
     """The image files named, with each directory replaced by the image files
     below it (by extension, sorted)."""
+    suffixes = _image_suffixes()
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
         else:
             files.append(path)
     if not files:
-        raise InputError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+        raise InputError(f"no image files ({', '.join(sorted(suffixes))}) in "
+                         f"{', '.join(printable(p) for p in paths)}")
     return files
 
 
