@@ -25,11 +25,35 @@ from .text import printable
 
 
 def _load_model(args):
+    """The model of --weights, or of the first weights found, or of the
+    published weights, downloaded into the cache on first use."""
     from .model import MobileNetV2
-    from .resources import find_weights
+    from .resources import weights_or_download
 
-    path = find_weights(getattr(args, "weights", None))
+    path = weights_or_download(getattr(args, "weights", None))
     return MobileNetV2.load(path, use_ema=not getattr(args, "raw", False))
+
+
+RANDOM_WEIGHTS_BANNER = """\
+*** RANDOM WEIGHTS: no MobileNetV2 weights could be found or downloaded, so this run uses
+*** seeded random weights. Shapes, FLOPs and timings below are real; activation values are
+*** not, and there are no classes to show. Provide weights with --weights or $MNV2REF_WEIGHTS.
+"""
+
+
+def _demo_model(args):
+    """`_load_model`, except that a failed download falls back to random
+    weights (with a one-line notice) so that the demo never dead-ends."""
+    from .errors import FetchError
+    from .model import MobileNetV2
+
+    try:
+        return _load_model(args)
+    except FetchError as error:
+        if getattr(args, "weights", None):
+            raise
+        print(f"mnv2ref: {error}", file=sys.stderr)
+        return MobileNetV2.random()
 
 
 def _load_batch(paths, size):
@@ -98,18 +122,38 @@ def _report_skipped(skipped, total) -> int:
 
 
 def cmd_convert(args):
+    from .keras import convert_keras, is_keras_h5
     from .weights import convert
 
-    print(convert(args.prefix, args.out, use_ema=not args.raw))
+    if Path(args.prefix).suffix.lower() not in (".h5", ".hdf5"):
+        print(convert(args.prefix, args.out, use_ema=not args.raw))
+    elif is_keras_h5(args.prefix):
+        print(convert_keras(args.prefix, args.out, use_ema=not args.raw))
+    else:
+        raise InputError(f"{args.prefix} is not a Keras weights file (no root attribute layer_names): "
+                         "convert takes a TF checkpoint prefix or a Keras Applications .h5")
+
+
+def cmd_golden(args):
+    from .golden import write_golden
+
+    model = _load_model(args)
+    out = sys.stdout.buffer if args.output == "-" else args.output
+    write_golden(model, _expand_images(args.images), out, layout=args.layout, dtype=args.dtype,
+                 size=args.size)
+    if args.output != "-":
+        print(args.output)
 
 
 def cmd_info(args):
     from .model import MobileNetV2
     from .weights import read_h5
 
+    from .keras import is_keras_h5, read_keras_h5
+
     path = Path(args.weights)
     if path.suffix.lower() in (".h5", ".hdf5"):
-        variables, attributes = read_h5(path)
+        variables, attributes = (read_keras_h5 if is_keras_h5(path) else read_h5)(path)
     else:
         from .checkpoint import read_checkpoint
 
@@ -190,17 +234,22 @@ def cmd_demo(args):
     from .resources import EXAMPLE_IMAGE, label
     from .trace import format_trace, trace
 
-    model = _load_model(args)
+    model = _demo_model(args)
+    random_weights = "random_seed" in model.metadata
     image = args.image or EXAMPLE_IMAGE
     x = preprocess(load_image(image), size=args.size)[None]
+    if random_weights:
+        print(RANDOM_WEIGHTS_BANNER)
     print(f"MobileNetV2 {model.depth_multiplier}, {model.num_classes or 'no'} classes, "
           f"weights {model.source}")
-    print(f"image {image} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
+    print(f"image {Path(image).name} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
     model.endpoints(x, backend=args.backend)  # warm-up: load or compile kernels, touch memory
     rows = trace(model, x, backend=args.backend)
     print(format_trace(rows))
     print(f"\ntotal {sum(r.ms for r in rows):.1f} ms, {rows[-1].cumulative_flops / 1e9:.3f} GFLOPs")
-    if model.num_classes:
+    if random_weights:
+        print("\n(random weights: no classes shown; see the notice at the top)")
+    elif model.num_classes:
         probs = model.predict(x, backend=args.backend)[0]
         print("\ntop-5:")
         for i in np.argsort(probs)[::-1][:5]:
@@ -359,10 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
     with_weights(p)
     p.add_argument("image", nargs="?", help="an image (default: a bundled photo of a cat)")
 
-    p = command("convert", cmd_convert, "convert a TF-slim checkpoint to HDF5")
-    p.add_argument("prefix", help="checkpoint prefix (PREFIX.index + PREFIX.data-*)")
+    p = command("convert", cmd_convert, "convert a TF-slim checkpoint or a Keras Applications "
+                "weights file to HDF5")
+    p.add_argument("prefix", help="checkpoint prefix (PREFIX.index + PREFIX.data-*) or a Keras .h5")
     p.add_argument("out", help="output .h5 file")
     p.add_argument("--raw", action="store_true", help="raw variables instead of their moving averages")
+
+    p = command("golden", cmd_golden, "write the input and every endpoint of the reference on "
+                "images to a golden .npz or .h5, for other implementations' tests")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
+    p.add_argument("-o", "--output", required=True, help="output .npz or .h5 (- for an .npz on stdout)")
+    p.add_argument("--layout", choices=("NHWC", "NCHW"), default="NHWC", help="of 4-d arrays (default NHWC)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of the computation and the arrays (default float32)")
+    p.add_argument("--weights", "-w", help="an .h5 from `convert`, a Keras .h5 or a TF checkpoint prefix "
+                   "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
+    p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
+                   "instead of their ExponentialMovingAverage")
+    p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
 
     p = command("info", cmd_info, "list the variables, shapes and metadata of weights")
     p.add_argument("weights", help="an .h5 file or a TF checkpoint prefix")

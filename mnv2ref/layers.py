@@ -44,17 +44,16 @@ def _tap(x: np.ndarray, i: int, j: int, stride: int, out_h: int, out_w: int) -> 
 
 
 def _channel_matmul(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(..., Cin) @ (Cin, Cout) -> (..., Cout), the same at any BLAS thread count.
+    """(..., Cin) @ (Cin, Cout) -> (..., Cout), the same bits at any BLAS thread count.
 
-    OpenBLAS splits the sum of a matrix-vector product across its threads, so
-    the rounding of a one-row product would depend on how many threads it has;
-    a matrix-matrix product is split by rows and columns only. One-row
-    products therefore go through einsum's own single-threaded loop."""
+    Each output is the sum over Cin in index order, computed by einsum's own
+    single-threaded loop. BLAS (`@`) would be about twice as fast, but OpenBLAS
+    may split a product's sum between its threads, so its rounding depends on
+    the thread count and on the kernel it picked for the CPU (with
+    OPENBLAS_CORETYPE=Haswell almost every product of this network changes in
+    its last bits between 1 and 2 threads). The reference must not."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > 1 and weights.shape[1] > 1:
-        out = rows @ weights
-    else:
-        out = np.einsum("rc,ck->rk", rows, weights)
+    out = np.einsum("rc,ck->rk", rows, weights)
     return out.reshape(*x.shape[:-1], weights.shape[1])
 
 

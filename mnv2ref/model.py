@@ -186,16 +186,61 @@ class MobileNetV2:
         return cls(variables, {"use_ema": used_ema, "source": source}, source)
 
     @classmethod
+    def pretrained(cls, depth_multiplier: float = 1.0, resolution: int = 224) -> "MobileNetV2":
+        """The published TF-slim checkpoint for (depth multiplier, resolution),
+        downloaded with a progress bar, checked (size and SHA-256 where pinned),
+        converted and cached on first use (`$MNV2REF_HOME`, else
+        `$XDG_CACHE_HOME/mnv2ref`, else `~/.cache/mnv2ref`); later calls read
+        the cache and make no request. EMA weights, 1001 classes."""
+        from .resources import pretrained_weights
+
+        return cls.from_h5(pretrained_weights(depth_multiplier, resolution))
+
+    @classmethod
+    def random(cls, depth_multiplier: float = 1.0, num_classes: int = 1001, seed: int = 0) -> "MobileNetV2":
+        """A model with seeded random weights: every shape, FLOP and timing is
+        the real network's, no value or class is. Conv kernels are drawn with
+        He scaling (std sqrt(2 / fan-in)) and BatchNorm is the identity, so
+        activations keep a sensible range through all the layers."""
+        rng = np.random.default_rng(seed)
+        variables = {}
+        for name, shape in variable_shapes(depth_multiplier, num_classes).items():
+            leaf = name.rsplit("/", 1)[-1]
+            if leaf in ("gamma", "moving_variance"):
+                value = np.ones(shape)
+            elif leaf in ("beta", "moving_mean", "biases"):
+                value = np.zeros(shape)
+            else:  # conv kernels (k, k, in, out) and depthwise kernels (k, k, C, 1)
+                fan_in = shape[0] * shape[1] * (1 if "depthwise" in name else shape[2])
+                value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+            variables[name] = value.astype(np.float32)
+        return cls(variables, {"random_seed": seed}, f"random weights (seed {seed})")
+
+    @classmethod
     def from_h5(cls, path) -> "MobileNetV2":
         """Load from an HDF5 file written by `mnv2ref.convert`."""
         variables, attributes = read_h5(path)
         return cls(variables, attributes, str(path))
 
     @classmethod
+    def from_keras_h5(cls, path) -> "MobileNetV2":
+        """Load a Keras Applications weights file
+        (`mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}[_no_top].h5`).
+        Keras dropped the background class: a model with a top has
+        `num_classes` 1000, Keras class k being TF-slim class k + 1 (see `keras.py`)."""
+        from .keras import read_keras_h5
+
+        variables, attributes = read_keras_h5(path)
+        return cls(variables, attributes, str(path))
+
+    @classmethod
     def load(cls, path, use_ema: bool = True) -> "MobileNetV2":
-        """`from_h5` for an .h5/.hdf5 file, else `from_checkpoint`."""
+        """`from_h5` (or `from_keras_h5` for a file in Keras's layout) for an
+        .h5/.hdf5 file, else `from_checkpoint`."""
         if str(path).lower().endswith((".h5", ".hdf5")):
-            return cls.from_h5(path)
+            from .keras import is_keras_h5
+
+            return cls.from_keras_h5(path) if is_keras_h5(path) else cls.from_h5(path)
         return cls.from_checkpoint(path, use_ema)
 
     def _build_layers(self) -> list:
@@ -273,7 +318,9 @@ class MobileNetV2:
 
     def predict(self, x: np.ndarray, backend: str = "numba", layout: str = "NHWC",
                 color: str = "RGB", scale: str = "[-1,1]") -> np.ndarray:
-        """Class probabilities: (N, H, W, 3) -> (N, num_classes), class 0 = background.
+        """Class probabilities: (N, H, W, 3) -> (N, num_classes). With TF-slim's
+        1001 classes class 0 is background; a Keras model's 1000 classes are
+        TF-slim's 1..1000 (softmax over those only).
 
         By default x is the network's own input (the model card's original
         interface: NHWC, RGB, [-1, 1]); the card's converted interface is

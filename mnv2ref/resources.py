@@ -1,15 +1,18 @@
-"""Where things are: bundled data, the shared fixtures, and weights.
+"""Where things are: bundled data, the shared fixtures, the cache, and weights.
 
 Weights are looked for in this order: an explicit path (`--weights`),
 `$MNV2REF_WEIGHTS`, the `weights/` folder (of the current directory, then of
-the source checkout), then the real 1.0/224 backbone among the shared test
-fixtures (`$MNV2REF_SHARED`, default `../shared/mnv2` beside the checkout).
+the source checkout), the download cache (`cache_dir()`), then the real
+1.0/224 backbone among the shared test fixtures (`$MNV2REF_SHARED`, default
+`../shared/mnv2` beside the checkout). When none is found, `weights_or_download`
+downloads the published 1.0/224 checkpoint into the cache, once.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -24,15 +27,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = "checkpoints/mobilenet_v2_1.0_224_backbone/model.ckpt"
 
 HOW_TO_GET_WEIGHTS = (
-    "no MobileNetV2 weights found: run `mnv2ref fetch` (downloads the published "
-    "mobilenet_v2_1.0_224 checkpoint into weights/), or pass --weights PATH "
-    "(a .h5 from `mnv2ref convert` or a TF checkpoint prefix), or set $MNV2REF_WEIGHTS, "
-    "or place the test fixtures at ../shared/mnv2 (or set $MNV2REF_SHARED)")
+    "pass --weights PATH (a .h5 from `mnv2ref convert`, or a TF checkpoint prefix), or set "
+    "$MNV2REF_WEIGHTS, or put the published archive's weights in weights/ (`mnv2ref fetch "
+    "--url FILE_OR_MIRROR_URL`)")
 
 
 def shared_dir() -> Path:
     """The shared fixtures folder (it may not exist)."""
     return Path(os.environ.get("MNV2REF_SHARED") or REPO_ROOT.parent / "shared" / "mnv2")
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights are kept: `$MNV2REF_HOME`, else
+    `$XDG_CACHE_HOME/mnv2ref`, else `~/.cache/mnv2ref` (it may not exist yet)."""
+    if os.environ.get("MNV2REF_HOME"):
+        return Path(os.environ["MNV2REF_HOME"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "mnv2ref"
 
 
 def _weights_in(folder: Path) -> Optional[Path]:
@@ -61,14 +72,46 @@ def find_weights(explicit: Optional[str] = None) -> Path:
     for given in (explicit, os.environ.get("MNV2REF_WEIGHTS")):
         if given:
             return Path(given)
-    for folder in (Path.cwd() / "weights", REPO_ROOT / "weights"):
+    for folder in (Path.cwd() / "weights", REPO_ROOT / "weights", cache_dir()):
         found = _weights_in(folder)
         if found:
             return found
     backbone = shared_dir() / BACKBONE
     if Path(str(backbone) + ".index").is_file():
         return backbone
-    raise WeightsError(HOW_TO_GET_WEIGHTS)
+    raise WeightsError(f"no MobileNetV2 weights found: {HOW_TO_GET_WEIGHTS}")
+
+
+def pretrained_weights(depth_multiplier=1.0, resolution=224, progress: bool = True) -> Path:
+    """The published checkpoint's weights in the cache, downloaded, checked
+    and converted on first use (`mnv2ref.fetch.fetch`); later calls make no
+    request. FetchError when the download fails."""
+    from .fetch import checkpoint_name, fetch
+
+    cached = cache_dir() / f"{checkpoint_name(depth_multiplier, resolution)}.h5"
+    if cached.is_file():
+        return cached
+    fetched = fetch(depth_multiplier, resolution, out_dir=cache_dir(), progress=progress)
+    print(f"mnv2ref: downloaded the published {cached.stem} weights into {fetched} "
+          "(once: later runs use this copy)", file=sys.stderr)
+    return fetched
+
+
+def weights_or_download(explicit: Optional[str] = None) -> Path:
+    """`find_weights`, or else the published 1.0/224 weights, downloaded into
+    the cache on first use. A failed download is a FetchError that says where
+    it tried and how to provide weights instead."""
+    from .errors import FetchError
+
+    try:
+        return find_weights(explicit)
+    except WeightsError:
+        pass
+    try:
+        return pretrained_weights()
+    except FetchError as error:
+        raise FetchError(f"no MobileNetV2 weights found, and downloading them failed: {error}. "
+                         f"To provide weights: {HOW_TO_GET_WEIGHTS}") from None
 
 
 @lru_cache(maxsize=1)
@@ -84,5 +127,12 @@ def labels() -> tuple:
 
 
 def label(index: int, num_classes: int = 1001) -> str:
-    """A class name, or `class N` for a classifier that is not the ImageNet one."""
-    return labels()[index] if num_classes == len(labels()) else f"class {index}"
+    """The name of class `index` of a classifier with `num_classes` outputs:
+    TF-slim's 1001 (0 is background), or Keras's 1000 (background dropped,
+    so Keras class k is TF-slim class k + 1); `class N` for any other."""
+    names = labels()
+    if num_classes == len(names):
+        return names[index]
+    if num_classes == len(names) - 1:
+        return names[index + 1]
+    return f"class {index}"

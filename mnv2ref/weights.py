@@ -73,22 +73,22 @@ def select_variables(checkpoint: Mapping, use_ema: bool = True, source: str = "c
     return variables, used_ema
 
 
-def infer_config(variables: Mapping, source: str = "weights") -> tuple:
+def infer_config(variables: Mapping, source: str = "weights", label=str) -> tuple:
     """(depth_multiplier, num_classes) of a set of MobileNetV2 variables,
     from their shapes alone (they may be HDF5 datasets not yet read).
 
     Each published depth multiplier is tried in turn and the one whose every
     expected tensor is present with the right shape wins; otherwise the error
     names the first tensor that is missing or wrongly shaped for the closest
-    candidate. A classifier so wide that the network would exceed
-    `MAX_MODEL_VALUES` (e.g. 200,000 classes) is refused here, before
-    anything is read."""
+    candidate (`label(name)` says where that tensor comes from). A classifier
+    so wide that the network would exceed `MAX_MODEL_VALUES` (e.g. 200,000
+    classes) is refused here, before anything is read."""
     biases = variables.get("MobilenetV2/Logits/Conv2d_1c_1x1/biases")
     num_classes = int(biases.shape[0]) if biases is not None and biases.ndim == 1 else 0
     best = None
     for depth_multiplier in PUBLISHED_DEPTH_MULTIPLIERS:
         shapes = variable_shapes(depth_multiplier, num_classes)
-        problems = shape_problems(variables, shapes)
+        problems = shape_problems(variables, shapes, label)
         if not problems:
             values = sum(math.prod(shape) for shape in shapes.values())
             if values > MAX_MODEL_VALUES:
@@ -141,14 +141,15 @@ def _refuse_where(bad: np.ndarray, name: str, value: np.ndarray, what: str, sour
                            f"(first at index {first}: {value[first]})")
 
 
-def shape_problems(variables: Mapping, expected: Mapping) -> list:
-    """Each expected tensor that is missing or has the wrong shape, in words."""
+def shape_problems(variables: Mapping, expected: Mapping, label=str) -> list:
+    """Each expected tensor that is missing or has the wrong shape, in words;
+    `label(name)` names the tensor (e.g. with where in a file it was read)."""
     problems = []
     for name, shape in expected.items():
         if name not in variables:
-            problems.append(f"tensor {name} is missing (expected shape {shape})")
+            problems.append(f"tensor {label(name)} is missing (expected shape {shape})")
         elif tuple(variables[name].shape) != tuple(shape):
-            problems.append(f"tensor {name} has shape {tuple(variables[name].shape)}, expected {shape}")
+            problems.append(f"tensor {label(name)} has shape {tuple(variables[name].shape)}, expected {shape}")
     return problems
 
 
@@ -226,11 +227,12 @@ def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path
     return path
 
 
-def convert(prefix, out_h5, use_ema: bool = True) -> Path:
+def convert(prefix, out_h5, use_ema: bool = True, metadata: Mapping = None) -> Path:
     """Convert a TF-slim MobileNetV2 checkpoint to the HDF5 layout above.
 
     Only model variables are kept (EMA shadows by default, raw values with
-    `use_ema=False`); optimizer slots and `global_step` are dropped."""
+    `use_ema=False`); optimizer slots and `global_step` are dropped.
+    `metadata` adds root attributes (e.g. `fetch`'s archive URL and SHA-256)."""
     from . import __version__
     from .checkpoint import read_checkpoint
 
@@ -246,6 +248,7 @@ def convert(prefix, out_h5, use_ema: bool = True) -> Path:
         "source_files": [p.name for p in sources],
         "source_sha256": {p.name: sha256_of(p) for p in sources},
         "mnv2ref_version": __version__,
+        **(metadata or {}),
     })
 
 

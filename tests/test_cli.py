@@ -84,15 +84,17 @@ def test_demo_with_full_model_prints_top5(capsys, synthetic_prefix):
     assert len([line for line in stdout.split("top-5:")[1].splitlines() if "%" in line]) == 5
 
 
-def test_demo_without_weights_says_how_to_get_them(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MNV2REF_WEIGHTS"}
-    env["MNV2REF_SHARED"] = str(tmp_path / "nowhere")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    result = subprocess.run([sys.executable, "-m", "mnv2ref", "demo"], cwd=tmp_path, env=env,
+def test_classify_without_weights_or_network_says_how_to_get_them(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MNV2REF_WEIGHTS", "MNV2REF_FETCH_SHA256")}
+    env.update(MNV2REF_SHARED=str(tmp_path / "nowhere"), MNV2REF_HOME=str(tmp_path / "cache"),
+               MNV2REF_FETCH_URL="http://127.0.0.1:9/{name}.tgz",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run([sys.executable, "-m", "mnv2ref", "classify", "x.png"], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "mnv2ref fetch" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 1
+    assert result.stderr.startswith("mnv2ref: error: no MobileNetV2 weights found, and downloading them failed")
+    assert "http://127.0.0.1:9/mobilenet_v2_1.0_224.tgz" in result.stderr and "--weights" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("argv,expected", [

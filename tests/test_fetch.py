@@ -3,6 +3,7 @@ HTTP server on 127.0.0.1 that serves archives built from the synthetic
 0.35/224 checkpoint in the shared fixtures (the network is never used)."""
 
 import functools
+import hashlib
 import http.server
 import io
 import os
@@ -182,7 +183,11 @@ def test_fetch_accepts_dot_slash_members_and_keeps_archive(server, out_dir, synt
     make_archive(root / "mirror.tgz", synthetic_prefix, folder="./")
     result = fetch(0.35, 224, out_dir=out_dir, url=f"{base}/mirror.tgz", progress=True,
                    keep_archive=True)
-    assert capsys.readouterr() == ("", "")  # the bar shows only on a terminal
+    out, err = capsys.readouterr()  # the bar shows only on a terminal
+    digest = hashlib.sha256((root / "mirror.tgz").read_bytes()).hexdigest()
+    assert (out, err) == ("", f"mnv2ref: {NAME}.tgz has SHA-256 {digest} (no pinned digest to check "
+                              "it against; it is recorded in the weights' metadata)\n")
+    assert read_h5(result)[1]["archive_sha256"] == digest
     assert sorted(os.listdir(out_dir)) == [f"{NAME}.h5", f"{NAME}.tgz"]
     assert (out_dir / f"{NAME}.tgz").read_bytes() == (root / "mirror.tgz").read_bytes()
     assert read_h5(result)[1]["num_classes"] == 1001
