@@ -122,12 +122,13 @@ def _report_skipped(skipped, total) -> int:
 
 
 def cmd_convert(args):
+    from .files import check_regular_file
     from .keras import convert_keras, is_keras_h5
     from .weights import convert
 
     if Path(args.prefix).suffix.lower() not in (".h5", ".hdf5"):
         print(convert(args.prefix, args.out, use_ema=not args.raw))
-    elif is_keras_h5(args.prefix):
+    elif check_regular_file(args.prefix, "weights file") and is_keras_h5(args.prefix):
         print(convert_keras(args.prefix, args.out, use_ema=not args.raw))
     else:
         raise InputError(f"{args.prefix} is not a Keras weights file (no root attribute layer_names): "

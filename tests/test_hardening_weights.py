@@ -379,3 +379,57 @@ def test_fuzzed_checkpoint_headers_only_raise_clean_errors(tmp_path_factory, num
         np.testing.assert_array_equal(checkpoint["a"], np.arange(4, dtype=np.float32))
     except Mnv2refError:
         pass
+
+
+# ---------------------------------------------------------------------------
+# Keras Applications files go through the same checks
+# ---------------------------------------------------------------------------
+
+KERAS_VARIANCE = "block_2_depthwise_BN/block_2_depthwise_BN/moving_variance:0"
+
+
+@pytest.fixture
+def keras_copy(shared_dir, tmp_path):
+    path = tmp_path / "keras.h5"
+    path.write_bytes((shared_dir / "peers" / "keras_mobilenet_v2_0.35_224.h5").read_bytes())
+    return path
+
+
+def test_keras_file_with_negative_variance_or_nan_is_refused(keras_copy, tmp_path):
+    from mnv2ref.keras import convert_keras
+
+    with h5py.File(keras_copy, "r+") as f:
+        f[KERAS_VARIANCE][5] = -1.0
+    message = r"tensor MobilenetV2/expanded_conv_2/depthwise/BatchNorm/moving_variance has 1 negative"
+    with pytest.raises(WeightsError, match=message):
+        mnv2ref.MobileNetV2.from_keras_h5(keras_copy)
+    with pytest.raises(WeightsError, match=message):
+        convert_keras(keras_copy, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()
+    with pytest.raises(FileError, match="it is the input"):
+        convert_keras(keras_copy, keras_copy)
+
+
+def test_keras_file_reading_other_files_is_refused(keras_copy, tmp_path):
+    from mnv2ref.keras import read_keras_h5
+
+    with h5py.File(keras_copy, "r+") as f:
+        value = f[KERAS_VARIANCE][()]
+        (tmp_path / "elsewhere.bin").write_bytes(value.astype("<f4").tobytes())
+        del f[KERAS_VARIANCE]
+        f.create_dataset(KERAS_VARIANCE, shape=value.shape, dtype="<f4",
+                         external=[(str(tmp_path / "elsewhere.bin"), 0, value.nbytes)])
+    with pytest.raises(WeightsError, match="external file .*elsewhere.bin"):
+        read_keras_h5(keras_copy)
+    with h5py.File(keras_copy, "r+") as f:
+        f["extra"] = h5py.ExternalLink("/etc/passwd.h5", "/x")
+    with pytest.raises(WeightsError, match="extra is an ExternalLink"):
+        read_keras_h5(keras_copy)
+
+
+def test_keras_fifo_does_not_block(tmp_path, capsys):
+    from test_cli import run
+
+    os.mkfifo(tmp_path / "k.h5")
+    code, out, err = run(capsys, "convert", tmp_path / "k.h5", tmp_path / "out.h5")
+    assert code == 1 and "FIFO" in err and err.count("\n") == 1
