@@ -247,6 +247,63 @@ class _Cursor:
 # ---------------------------------------------------------------------------
 
 _SNAPPY_MAX_RATIO = 22  # a 3-byte copy element yields at most 64 bytes
+# What the decoding kernel can report (with the input position and a detail).
+_SNAPPY_OK, _SNAPPY_TRUNCATED, _SNAPPY_BAD_OFFSET, _SNAPPY_TOO_LONG = 0, 1, 2, 3
+
+
+@njit(cache=True)
+def _little_endian(data, pos, count):  # pragma: no cover - compiled by Numba
+    value = 0
+    for k in range(count):
+        value |= np.int64(data[pos + k]) << (8 * k)
+    return value
+
+
+@njit(cache=True)
+def _snappy_kernel(data, pos, out):  # pragma: no cover - compiled by Numba
+    """Decode the elements of ``data[pos:]`` into ``out`` (its announced length).
+
+    Returns ``(status, pos, produced, detail)``: on ``_SNAPPY_TRUNCATED`` the
+    bytes needed at ``pos``, on ``_SNAPPY_BAD_OFFSET`` the offset."""
+    n, o, expected = data.shape[0], 0, out.shape[0]
+    while pos < n:
+        tag = np.int64(data[pos])
+        pos += 1
+        kind = tag & 3
+        if kind == 0:
+            length = tag >> 2
+            if length >= 60:
+                extra = length - 59
+                if extra > n - pos:
+                    return _SNAPPY_TRUNCATED, pos, o, extra
+                length = _little_endian(data, pos, extra)
+                pos += extra
+            length += 1
+            if length > n - pos:
+                return _SNAPPY_TRUNCATED, pos, o, length
+            if length > expected - o:
+                return _SNAPPY_TOO_LONG, pos, o, 0
+            out[o : o + length] = data[pos : pos + length]
+            pos += length
+        else:
+            extra = 1 if kind == 1 else (2 if kind == 2 else 4)
+            if extra > n - pos:
+                return _SNAPPY_TRUNCATED, pos, o, extra
+            if kind == 1:
+                length = 4 + ((tag >> 2) & 7)
+                offset = ((tag >> 5) << 8) | np.int64(data[pos])
+            else:
+                length = (tag >> 2) + 1
+                offset = _little_endian(data, pos, extra)
+            pos += extra
+            if offset == 0 or offset > o:
+                return _SNAPPY_BAD_OFFSET, pos, o, offset
+            if length > expected - o:
+                return _SNAPPY_TOO_LONG, pos, o, 0
+            for k in range(length):  # byte by byte: an overlapping copy repeats its pattern
+                out[o + k] = out[o - offset + k]
+        o += length
+    return _SNAPPY_OK, pos, o, 0
 
 
 def snappy_decompress(data: bytes, what: str = "snappy block", max_length: int | None = None) -> bytes:
@@ -273,7 +330,12 @@ def snappy_decompress(data: bytes, what: str = "snappy block", max_length: int |
     against the most ``len(data)`` bytes can expand to (a 3-byte copy makes
     at most 64 bytes) before anything is allocated, every element consumes
     at least one input byte, and a copy moves only the bytes it produces.
-    ``max_length``, if given, caps the announced length too.
+    The work is bounded by the input: the announced length is checked
+    against the most ``len(data)`` bytes can expand to (a 3-byte copy makes
+    at most 64 bytes) before anything is allocated, and every element
+    consumes at least one input byte.  ``max_length``, if given, caps the
+    announced length too.  The loop over elements is compiled with Numba: a
+    block of a million one-byte copies is legal, and takes seconds in Python.
     """
     cursor = _Cursor(data, what)
     expected = cursor.varint()
@@ -284,42 +346,18 @@ def snappy_decompress(data: bytes, what: str = "snappy block", max_length: int |
         )
     if max_length is not None and expected > max_length:
         raise CheckpointError(f"{what}: uncompressed length {expected} is more than the {max_length} allowed")
-    out = bytearray(expected)
-    pos = 0
-    while not cursor.at_end():
-        tag = cursor.uint_le(1)
-        kind = tag & 3
-        if kind == 0:
-            length = tag >> 2
-            if length >= 60:
-                length = cursor.uint_le(length - 59)
-            length += 1
-            if length > expected - pos:
-                raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
-            out[pos : pos + length] = cursor.take(length)
-        else:
-            if kind == 1:
-                length = 4 + ((tag >> 2) & 7)
-                offset = ((tag >> 5) << 8) | cursor.uint_le(1)
-            else:
-                length = (tag >> 2) + 1
-                offset = cursor.uint_le(2 if kind == 2 else 4)
-            if not 0 < offset <= pos:
-                raise CheckpointError(
-                    f"{what}: copy offset {offset} at byte {cursor.pos} points outside "
-                    f"the {pos} bytes decoded so far"
-                )
-            if length > expected - pos:
-                raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
-            start = pos - offset
-            if offset >= length:
-                out[pos : pos + length] = out[start : start + length]
-            else:  # an overlapping copy repeats the last `offset` bytes (length <= 64)
-                out[pos : pos + length] = (bytes(out[start:pos]) * (length // offset + 1))[:length]
-        pos += length
-    if pos != expected:
-        raise CheckpointError(f"{what}: decoded {pos} bytes, announced {expected}")
-    return bytes(out)
+    out = np.empty(expected, dtype=np.uint8)
+    status, pos, produced, detail = _snappy_kernel(np.frombuffer(data, dtype=np.uint8), cursor.pos, out)
+    if status == _SNAPPY_TRUNCATED:
+        raise CheckpointError(f"{what}: {detail} bytes expected at byte {pos}, only {len(data) - pos} remain")
+    if status == _SNAPPY_BAD_OFFSET:
+        raise CheckpointError(f"{what}: copy offset {detail} at byte {pos} points outside "
+                              f"the {produced} bytes decoded so far")
+    if status == _SNAPPY_TOO_LONG:
+        raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
+    if produced != expected:
+        raise CheckpointError(f"{what}: decoded {produced} bytes, announced {expected}")
+    return out.tobytes()
 
 
 # ---------------------------------------------------------------------------

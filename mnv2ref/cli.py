@@ -128,7 +128,9 @@ def cmd_convert(args):
 
     if Path(args.prefix).suffix.lower() not in (".h5", ".hdf5"):
         print(convert(args.prefix, args.out, use_ema=not args.raw))
-    elif check_regular_file(args.prefix, "weights file") and is_keras_h5(args.prefix):
+        return
+    check_regular_file(args.prefix, "weights file")
+    if is_keras_h5(args.prefix):
         print(convert_keras(args.prefix, args.out, use_ema=not args.raw))
     else:
         raise InputError(f"{args.prefix} is not a Keras weights file (no root attribute layer_names): "
@@ -136,11 +138,15 @@ def cmd_convert(args):
 
 
 def cmd_golden(args):
+    from .files import check_not_overwriting
     from .golden import write_golden
 
+    images = _expand_images(args.images)
+    if args.output != "-":
+        check_not_overwriting(args.output, images)
     model = _load_model(args)
     out = sys.stdout.buffer if args.output == "-" else args.output
-    write_golden(model, _expand_images(args.images), out, layout=args.layout, dtype=args.dtype,
+    write_golden(model, images, out, layout=args.layout, dtype=args.dtype,
                  size=args.size)
     if args.output != "-":
         print(args.output)
