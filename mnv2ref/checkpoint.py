@@ -365,7 +365,10 @@ def snappy_decompress(data: bytes, what: str = "snappy block", max_length: int |
 # ---------------------------------------------------------------------------
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
-_MAX_INDEX_BYTES = 64 << 20
+# A MobileNetV2 training checkpoint's index is about 20-100 KB for some 1,100
+# tensors; these bounds leave a wide margin and keep a hostile index cheap.
+_MAX_INDEX_BYTES = 16 << 20
+_MAX_TABLE_ENTRIES = 100_000
 _FOOTER_SIZE = 48  # two handles of up to 2 * 10 varint bytes, zero padding, 8-byte magic
 _HANDLES_SIZE = 40
 _BLOCK_TRAILER_SIZE = 5  # compression type (1 byte) + masked CRC32C (4 bytes)
@@ -444,8 +447,10 @@ def _read_block(data: bytes, handle: BlockHandle, what: str, max_length: int) ->
     )
 
 
-def _parse_block(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
-    """Decode a block's prefix-compressed entries, checking its restart array."""
+def _parse_block(block: bytes, what: str,
+                 max_entries: int = _MAX_TABLE_ENTRIES) -> list[tuple[bytes, bytes]]:
+    """Decode a block's prefix-compressed entries, checking its restart array;
+    more than ``max_entries`` entries are refused."""
     if len(block) < 4:
         raise CheckpointError(f"{what}: {len(block)} bytes, too short for a restart count")
     num_restarts = int.from_bytes(block[-4:], "little")
@@ -475,6 +480,8 @@ def _parse_block(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
             whole_key_starts.add(start)
         key = key[:shared] + cursor.take(non_shared)
         entries.append((key, cursor.take(value_length)))
+        if len(entries) > max_entries:
+            raise CheckpointError(f"{what}: more than {_MAX_TABLE_ENTRIES:,} entries in the index")
 
     # Restart points must be entries whose key is stored whole: that is what
     # makes binary search over them possible.
@@ -521,7 +528,7 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
         block_what = _describe_block(path, handle, "data block")
         block = _read_block(data, handle, block_what, budget)
         budget -= len(block)
-        pairs.extend(_parse_block(block, block_what))
+        pairs.extend(_parse_block(block, block_what, _MAX_TABLE_ENTRIES - len(pairs)))
 
     # Sorted, unique keys are the table's defining property; a table that
     # breaks it is corrupt, and duplicate names would silently shadow each other.

@@ -52,7 +52,7 @@ def _demo_model(args):
     except FetchError as error:
         if getattr(args, "weights", None):
             raise
-        print(f"mnv2ref: {error}", file=sys.stderr)
+        print(f"mnv2ref: {printable(error)}", file=sys.stderr)
         return MobileNetV2.random()
 
 
@@ -127,11 +127,11 @@ def cmd_convert(args):
     from .weights import convert
 
     if Path(args.prefix).suffix.lower() not in (".h5", ".hdf5"):
-        print(convert(args.prefix, args.out, use_ema=not args.raw))
+        print(printable(convert(args.prefix, args.out, use_ema=not args.raw)))
         return
     check_regular_file(args.prefix, "weights file")
     if is_keras_h5(args.prefix):
-        print(convert_keras(args.prefix, args.out, use_ema=not args.raw))
+        print(printable(convert_keras(args.prefix, args.out, use_ema=not args.raw)))
     else:
         raise InputError(f"{args.prefix} is not a Keras weights file (no root attribute layer_names): "
                          "convert takes a TF checkpoint prefix or a Keras Applications .h5")
@@ -149,7 +149,7 @@ def cmd_golden(args):
     write_golden(model, images, out, layout=args.layout, dtype=args.dtype,
                  size=args.size)
     if args.output != "-":
-        print(args.output)
+        print(printable(args.output))
 
 
 def cmd_info(args):
@@ -233,7 +233,7 @@ def cmd_embed(args):
 def cmd_fetch(args):
     from .fetch import fetch
 
-    print(fetch(args.depth_multiplier, args.resolution, out_dir=args.out, url=args.url))
+    print(printable(fetch(args.depth_multiplier, args.resolution, out_dir=args.out, url=args.url)))
 
 
 def cmd_demo(args):
@@ -248,8 +248,8 @@ def cmd_demo(args):
     if random_weights:
         print(RANDOM_WEIGHTS_BANNER)
     print(f"MobileNetV2 {model.depth_multiplier}, {model.num_classes or 'no'} classes, "
-          f"weights {model.source}")
-    print(f"image {Path(image).name} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
+          f"weights {printable(model.source)}")
+    print(f"image {printable(Path(image).name)} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
     model.endpoints(x, backend=args.backend)  # warm-up: load or compile kernels, touch memory
     rows = trace(model, x, backend=args.backend)
     print(format_trace(rows))
@@ -297,21 +297,22 @@ def cmd_plot_cost(args):
     from .accounting import cost
     from .plots import plot_cost
 
-    print(plot_cost(cost(args.depth_multiplier, args.resolution, args.num_classes), args.out))
+    print(printable(plot_cost(cost(args.depth_multiplier, args.resolution, args.num_classes), args.out)))
 
 
 def cmd_plot_activations(args):
     from .files import check_not_overwriting
-    from .plots import plot_feature_maps
+    from .plots import figure_format, plot_feature_maps
 
     check_not_overwriting(args.out, [args.image])
+    figure_format(args.out)  # before the network runs
     model = _load_model(args)
     x = _load_batch([args.image], args.size)
     activation = model.endpoints(x, backend=args.backend, until=args.layer.split("/")[0])
     if args.layer not in activation:
         raise InputError(f"no endpoint named {args.layer!r}; try one of {', '.join(activation)}")
-    print(plot_feature_maps(activation[args.layer], args.out,
-                            title=f"{args.layer} of {Path(args.image).name}, {activation[args.layer].shape}"))
+    print(printable(plot_feature_maps(activation[args.layer], args.out, title=f"{args.layer} of "
+                                      f"{printable(Path(args.image).name)}, {activation[args.layer].shape}")))
 
 
 def cmd_bench(args):
@@ -326,7 +327,7 @@ def cmd_bench(args):
     print(format_bench(result))
     if args.json:
         write_json(result, args.json)
-        print(f"mnv2ref: wrote {args.json}", file=sys.stderr)
+        print(f"mnv2ref: wrote {printable(args.json)}", file=sys.stderr)
 
 
 def cmd_export_onnx(args):
@@ -336,7 +337,8 @@ def cmd_export_onnx(args):
 
     check_not_overwriting(args.out, [find_weights(args.weights)])
     model = _load_model(args)
-    print(export_onnx(model, args.out, opset=args.opset, resolution=args.size, endpoints=args.endpoints))
+    print(printable(export_onnx(model, args.out, opset=args.opset, resolution=args.size,
+                                endpoints=args.endpoints)))
 
 
 def positive_int(text: str) -> int:

@@ -322,8 +322,9 @@ def refuse_links_out(f, path) -> None:
 
 def check_self_contained(dataset, path) -> None:
     """Look at a dataset's storage layout (without reading it) and refuse
-    what would make libhdf5 read other files or run code: external raw
-    storage, virtual-dataset mappings, filters other than `ALLOWED_FILTERS`."""
+    what would make libhdf5 read other files or run code, or make values up:
+    external raw storage, virtual-dataset mappings, no storage at all (fill
+    values), filters other than `ALLOWED_FILTERS`."""
     from h5py import h5d
 
     plist = dataset.id.get_create_plist()
@@ -335,6 +336,9 @@ def check_self_contained(dataset, path) -> None:
         external = printable(plist.get_external(0)[0].decode("utf-8", "replace"))
         raise WeightsError(f"{where} stores its data in an external file ({external}); "
                            "weights files must be self-contained")
+    if dataset.size and not dataset.id.get_storage_size():
+        raise WeightsError(f"{where} has no data stored (declared, never written: its values would "
+                           "be HDF5 fill values)")
     for index in range(plist.get_nfilters()):
         code, _flags, _values, name = plist.get_filter(index)
         if code not in ALLOWED_FILTERS:

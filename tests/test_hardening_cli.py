@@ -156,6 +156,17 @@ def test_index_listing_one_block_over_and_over_is_refused(tmp_path):
         read_table(path)
 
 
+def test_index_of_too_many_entries_is_refused(tmp_path):
+    from test_checkpoint import write_table
+    from mnv2ref.checkpoint import read_table
+
+    path = tmp_path / "model.ckpt.index"
+    write_table(path, [(b"%07d" % i, b"") for i in range(100_001)], per_block=100_001)
+    assert path.stat().st_size < 2e6
+    with pytest.raises(CheckpointError, match="more than 100,000 entries"):
+        read_table(path)
+
+
 def test_protobuf_length_beyond_the_buffer_is_refused():
     from mnv2ref.checkpoint import parse_bundle_entry
 

@@ -237,6 +237,15 @@ def test_external_link_is_refused(good_h5, tmp_path):
         read_h5(edited_h5(good_h5, tmp_path, edit))
 
 
+def test_dataset_declared_but_never_written_is_refused(good_h5, tmp_path, variables):
+    def edit(f):
+        del f[CONV]
+        f.create_dataset(CONV, shape=variables[CONV].shape, dtype="<f4")   # only fill values
+
+    with pytest.raises(WeightsError, match=f"dataset /{CONV} has no data stored"):
+        read_h5(edited_h5(good_h5, tmp_path, edit))
+
+
 def test_filter_that_is_not_compression_is_refused(good_h5, tmp_path, variables):
     def edit(f):
         del f[CONV]
@@ -254,7 +263,9 @@ def test_unknown_filter_plugin_is_refused(good_h5, tmp_path, variables):
         dcpl = h5p.create(h5p.DATASET_CREATE)
         dcpl.set_chunk(variables[CONV].shape)
         dcpl.set_filter(32123, h5z.FLAG_OPTIONAL, (1, 2))
-        h5d.create(f.id, CONV.encode(), h5t.IEEE_F32LE, h5s.create_simple(variables[CONV].shape), dcpl=dcpl)
+        dataset = h5d.create(f.id, CONV.encode(), h5t.IEEE_F32LE, h5s.create_simple(variables[CONV].shape),
+                             dcpl=dcpl)
+        h5py.Dataset(dataset)[...] = variables[CONV]   # stored unfiltered: the filter is optional
 
     with pytest.raises(WeightsError, match="uses HDF5 filter 32123"):
         read_h5(edited_h5(good_h5, tmp_path, edit))
