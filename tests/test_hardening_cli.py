@@ -5,6 +5,7 @@ written, absurd numbers, names with control characters, a SIGTERM in the
 middle of `convert`, an output that is the command's own input.
 """
 
+import contextlib
 import errno
 import io
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import mnv2ref
@@ -460,3 +463,21 @@ def test_dangling_link_among_weights_is_skipped_with_a_warning(tmp_path, monkeyp
     with pytest.warns(Mnv2refWarning) as record:
         assert find_weights().samefile(good)
     assert len(record) == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(option=st.sampled_from(["-d", "-r", "--num-classes"]),
+       value=st.one_of(st.text(max_size=12), st.integers(-10**20, 10**20).map(str),
+                       st.floats(allow_nan=True, allow_infinity=True).map(repr)))
+def test_fuzzed_summary_numbers_never_end_in_an_internal_error(option, value):
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["summary", option, value] if not value.startswith("-") else ["summary", f"{option}={value}"]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    assert code in (0, 1, 2), err.getvalue()
+    assert "internal error" not in err.getvalue() and "Traceback" not in err.getvalue()
+    if code:
+        assert err.getvalue().count("\n") == 1 and out.getvalue() == ""

@@ -12,6 +12,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mnv2ref.errors import ImageError, InputError
@@ -194,3 +196,20 @@ def test_image_names_with_control_characters_stay_on_one_line(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "\x1b" not in message and "\t" not in message
     assert "evil\\n\\x1b[31mname\\t.png" in message
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(width=st.integers(0, 2**31 - 1), height=st.integers(0, 2**31 - 1),
+       color_type=st.sampled_from([0, 2, 3, 4, 6]), bit_depth=st.sampled_from([1, 8, 16]),
+       pixels=st.binary(max_size=64))
+def test_fuzzed_png_headers_decode_or_fail_cleanly(tmp_path, width, height, color_type, bit_depth, pixels):
+    path = tmp_path / "fuzz.png"
+    path.write_bytes(png(width, height, zlib.compress(pixels), color_type=color_type, bit_depth=bit_depth))
+    try:
+        rgb = load_image(path)
+    except ImageError as error:
+        assert "\n" not in str(error)
+        if width * height > MAX_IMAGE_PIXELS:  # refused from the header (Pillow's IHDR checks come first)
+            assert any(reason in str(error) for reason in ("decompression bomb", "corrupt", "recognised"))
+    else:
+        assert rgb.shape == (height, width, 3) and rgb.dtype == np.uint8
