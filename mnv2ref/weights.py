@@ -308,7 +308,8 @@ MAX_ATTRIBUTE_BYTES = 1 << 20
 
 def refuse_links_out(f, path) -> None:
     """Refuse an HDF5 file with external links (or user-defined ones): a
-    weights file must be self-contained, not read parts of other files."""
+    weights (or golden) file must be self-contained, not read parts of other
+    files."""
     import h5py
 
     found = f.visititems_links(lambda name, link: None if isinstance(link, (h5py.HardLink, h5py.SoftLink))
@@ -316,8 +317,8 @@ def refuse_links_out(f, path) -> None:
     if found:
         name, link = found
         raise WeightsError(f"{printable(path)}: {printable(name)} is an {type(link).__name__} "
-                           f"to {printable(getattr(link, 'filename', '?'))}; weights files must be "
-                           "self-contained")
+                           f"to {printable(getattr(link, 'filename', '?'))}; mnv2ref reads only "
+                           "self-contained HDF5 files")
 
 
 def check_self_contained(dataset, path) -> None:
@@ -331,11 +332,11 @@ def check_self_contained(dataset, path) -> None:
     where = f"{printable(path)}: dataset {printable(dataset.name)}"
     if plist.get_layout() == h5d.VIRTUAL:
         raise WeightsError(f"{where} is a virtual dataset (its data lives in other files); "
-                           "weights files must be self-contained")
+                           "mnv2ref reads only self-contained HDF5 files")
     if plist.get_external_count():
         external = printable(plist.get_external(0)[0].decode("utf-8", "replace"))
         raise WeightsError(f"{where} stores its data in an external file ({external}); "
-                           "weights files must be self-contained")
+                           "mnv2ref reads only self-contained HDF5 files")
     if dataset.size and not dataset.id.get_storage_size():
         raise WeightsError(f"{where} has no data stored (declared, never written: its values would "
                            "be HDF5 fill values)")

@@ -68,6 +68,12 @@ def test_one_layer_on_read_only_inputs(synthetic, reference, tmp_path):
         np.testing.assert_array_equal(synthetic.fast.layer("layer_1", variant), stem, err_msg=kind)
     for kind, variant in read_only_variants(synthetic.fast.layer("layer_2", stem), tmp_path).items():
         np.testing.assert_array_equal(synthetic.fast.layer("layer_3", variant), block, err_msg=kind)
+    numpy_stem = synthetic.layers[0](reference)          # the NumPy layers, one at a time
+    numpy_block = synthetic.layers[1](numpy_stem)
+    for kind, variant in read_only_variants(reference, tmp_path).items():
+        np.testing.assert_array_equal(synthetic.layers[0](variant), numpy_stem, err_msg=kind)
+    for kind, variant in read_only_variants(numpy_stem, tmp_path).items():
+        np.testing.assert_array_equal(synthetic.layers[1](variant), numpy_block, err_msg=kind)
 
 
 def test_converted_interface_on_a_memory_mapped_nchw_batch(synthetic, reference, tmp_path):

@@ -444,3 +444,16 @@ def test_keras_fifo_does_not_block(tmp_path, capsys):
     os.mkfifo(tmp_path / "k.h5")
     code, out, err = run(capsys, "convert", tmp_path / "k.h5", tmp_path / "out.h5")
     assert code == 1 and "FIFO" in err and err.count("\n") == 1
+
+
+def test_golden_files_that_block_or_read_other_files_are_refused(tmp_path):
+    from mnv2ref.golden import read_golden
+
+    os.mkfifo(tmp_path / "g.npz")
+    with pytest.raises(FileError, match="golden file .*g.npz: it is a FIFO"):
+        read_golden(tmp_path / "g.npz")
+    (tmp_path / "secret").write_bytes(np.arange(4, dtype="<f4").tobytes())
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f.create_dataset("layer_1", shape=(4,), dtype="<f4", external=[(str(tmp_path / "secret"), 0, 16)])
+    with pytest.raises(WeightsError, match="external file .*secret"):
+        read_golden(tmp_path / "g.h5")
