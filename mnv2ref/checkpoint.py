@@ -53,7 +53,11 @@ graph; the ``tf.compat.v1.train.Saver`` checkpoints of TF-slim do not.
 Every malformed input raises :class:`~mnv2ref.errors.CheckpointError` (or its
 subclass :class:`~mnv2ref.errors.ChecksumError`) naming the file and saying
 what was expected and what was found: nothing is trusted before it is checked,
-and sizes are checked against the file *before* memory is allocated.
+and sizes are checked against the file *before* memory is allocated: the
+index (at most 16 MB and 100,000 entries), each tensor against its shard, no
+two tensors sharing bytes, and all together against what a MobileNetV2
+training checkpoint can need (``MAX_CHECKPOINT_BYTES``).  Special files (a
+FIFO, a device) are refused before they are opened.
 
 Typical use::
 
@@ -326,10 +330,6 @@ def snappy_decompress(data: bytes, what: str = "snappy block", max_length: int |
     output; it may overlap what it writes (offset 1, length 5 repeats the
     last byte five times), which is run-length encoding for free.
 
-    The work is bounded by the input: the announced length is checked
-    against the most ``len(data)`` bytes can expand to (a 3-byte copy makes
-    at most 64 bytes) before anything is allocated, every element consumes
-    at least one input byte, and a copy moves only the bytes it produces.
     The work is bounded by the input: the announced length is checked
     against the most ``len(data)`` bytes can expand to (a 3-byte copy makes
     at most 64 bytes) before anything is allocated, and every element

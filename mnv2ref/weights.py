@@ -18,6 +18,13 @@ can crash the process on a corrupted file instead of reporting an error, so a
 file whose digest does not match (or that has none: written by other tools,
 or edited since) is first read in a throw-away child process; only if that
 survives is it read here.
+
+Weights from anywhere pass one check before a model is built from them,
+`check_variables`: the network's tensors present with their shapes, stored
+as floats, finite, moving variances non-negative. An HDF5 file is read only
+if it is self-contained (`check_self_contained`, `refuse_links_out`): no
+external storage, virtual datasets, external links or filter plugins, which
+would make libhdf5 read other files or run code.
 """
 
 from __future__ import annotations
