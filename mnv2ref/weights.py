@@ -288,9 +288,7 @@ def read_h5_datasets(path) -> tuple:
             if found is not None and found != H5_FORMAT:
                 raise WeightsError(f"{path}: not an mnv2ref weights file "
                                    f"(attribute format is {found!r}, expected {H5_FORMAT!r})")
-            datasets = {}
-            f.visititems(lambda name, node: datasets.__setitem__(name, node)
-                         if isinstance(node, h5py.Dataset) else None)
+            datasets = _datasets(f, path)
             refuse_links_out(f, path)
             depth_multiplier, num_classes = infer_config(datasets, source=str(path))
             variables = {}
@@ -311,6 +309,29 @@ def read_h5_datasets(path) -> tuple:
 # libhdf5 would load from disk, and run, to read the data.
 ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
 MAX_ATTRIBUTE_BYTES = 1 << 20
+MAX_OBJECTS = 10_000
+# h5py's own chunks are 8 KiB to 1 MiB, so no tensor of the network needs
+# more than about a thousand; tiny chunks only make reading slow.
+MAX_CHUNKS = 16_384
+
+
+def _datasets(f, path) -> dict:
+    """{name: h5py.Dataset} of every dataset in the file; more than
+    `MAX_OBJECTS` groups and datasets (a MobileNetV2 has about 300) are refused."""
+    import h5py
+
+    datasets, objects = {}, [0]
+
+    def visit(name, node):
+        objects[0] += 1
+        if isinstance(node, h5py.Dataset):
+            datasets[name] = node
+        return True if objects[0] > MAX_OBJECTS else None  # True stops the visit
+
+    if f.visititems(visit):
+        raise WeightsError(f"{printable(path)}: more than {MAX_OBJECTS:,} groups and datasets; "
+                           "a MobileNetV2 weights file has a few hundred")
+    return datasets
 
 
 def refuse_links_out(f, path) -> None:
@@ -332,7 +353,8 @@ def check_self_contained(dataset, path) -> None:
     """Look at a dataset's storage layout (without reading it) and refuse
     what would make libhdf5 read other files or run code, or make values up:
     external raw storage, virtual-dataset mappings, no storage at all (fill
-    values), filters other than `ALLOWED_FILTERS`."""
+    values), filters other than `ALLOWED_FILTERS`; and more than `MAX_CHUNKS`
+    chunks, which only make reading slow."""
     from h5py import h5d
 
     plist = dataset.id.get_create_plist()
@@ -347,6 +369,11 @@ def check_self_contained(dataset, path) -> None:
     if dataset.size and not dataset.id.get_storage_size():
         raise WeightsError(f"{where} has no data stored (declared, never written: its values would "
                            "be HDF5 fill values)")
+    if dataset.chunks:
+        chunks = math.prod(-(-size // chunk) for size, chunk in zip(dataset.shape, dataset.chunks))
+        if chunks > MAX_CHUNKS:
+            raise WeightsError(f"{where} is stored in {chunks:,} chunks, more than the {MAX_CHUNKS:,} "
+                               "mnv2ref reads")
     for index in range(plist.get_nfilters()):
         code, _flags, _values, name = plist.get_filter(index)
         if code not in ALLOWED_FILTERS:

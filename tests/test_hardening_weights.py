@@ -246,6 +246,26 @@ def test_dataset_declared_but_never_written_is_refused(good_h5, tmp_path, variab
         read_h5(edited_h5(good_h5, tmp_path, edit))
 
 
+def test_dataset_of_tiny_chunks_is_refused(good_h5, tmp_path, variables):
+    name = "MobilenetV2/Conv_1/weights"             # (1, 1, 112, 1280)
+
+    def edit(f):
+        del f[name]
+        f.create_dataset(name, data=variables[name], chunks=(1, 1, 1, 8))
+
+    with pytest.raises(WeightsError, match=f"dataset /{name} is stored in 17,920 chunks, more than the 16,384"):
+        read_h5(edited_h5(good_h5, tmp_path, edit))
+
+
+def test_file_of_too_many_objects_is_refused(good_h5, tmp_path):
+    def edit(f):
+        for i in range(10_001):
+            f.create_group(f"g{i}")
+
+    with pytest.raises(WeightsError, match="more than 10,000 groups and datasets"):
+        read_h5(edited_h5(good_h5, tmp_path, edit))
+
+
 def test_filter_that_is_not_compression_is_refused(good_h5, tmp_path, variables):
     def edit(f):
         del f[CONV]
