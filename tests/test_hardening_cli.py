@@ -481,3 +481,18 @@ def test_fuzzed_summary_numbers_never_end_in_an_internal_error(option, value):
     assert "internal error" not in err.getvalue() and "Traceback" not in err.getvalue()
     if code:
         assert err.getvalue().count("\n") == 1 and out.getvalue() == ""
+
+
+def test_export_onnx_at_the_oldest_opsets_is_not_an_internal_error(synthetic, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from mnv2ref.onnx_export import MIN_OPSET, export_onnx
+
+    x = np.zeros((1, 32, 32, 3), dtype=np.float32)
+    expected = synthetic.predict(x)
+    for opset in (MIN_OPSET, 8):
+        path = export_onnx(synthetic, tmp_path / f"o{opset}.onnx", opset=opset, resolution=32)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = dict(zip([o.name for o in session.get_outputs()],
+                           session.run(None, {session.get_inputs()[0].name: x})))
+        np.testing.assert_allclose(outputs["Predictions"], expected, atol=1e-5)
