@@ -250,7 +250,6 @@ def cmd_demo(args):
     print(f"MobileNetV2 {model.depth_multiplier}, {model.num_classes or 'no'} classes, "
           f"weights {printable(model.source)}")
     print(f"image {printable(Path(image).name)} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
-    model.endpoints(x, backend=args.backend)  # warm-up: load or compile kernels, touch memory
     rows = trace(model, x, backend=args.backend)
     print(format_trace(rows))
     print(f"\ntotal {sum(r.ms for r in rows):.1f} ms, {rows[-1].cumulative_flops / 1e9:.3f} GFLOPs")
@@ -285,10 +284,13 @@ def cmd_trace(args):
 
     model = _load_model(args)
     x = preprocess(load_image(args.image), size=args.size)[None]
-    rows = trace(model, x, backend=args.backend)
+    if args.threads:
+        from .fast import set_num_threads
+
+        set_num_threads(args.threads)
+    rows = trace(model, x, backend=args.backend, repeat=args.repeat)
     if args.json:
-        print(json.dumps({"image": str(args.image), "weights": model.source, "backend": args.backend,
-                          "layers": [row.to_dict() for row in rows]}, indent=1))
+        print(json.dumps({"image": str(args.image), "weights": model.source, **rows.to_dict()}, indent=1))
     else:
         print(format_trace(rows))
 
@@ -316,15 +318,20 @@ def cmd_plot_activations(args):
 
 
 def cmd_bench(args):
-    from .bench import format_bench, run_bench, write_json
+    from .bench import format_bench, format_layers, run_bench, run_layers, write_json
 
     model = _load_model(args)
-    result = run_bench(model, batches=args.batch, repeat=args.repeat, warmup=args.warmup,
-                       threads=args.threads, backends=args.backends,
-                       peers=False if args.no_peers else (args.peers or True),
-                       progress=not args.quiet, resolution=args.size,
-                       compile_time=False if args.no_compile_time else None)
-    print(format_bench(result))
+    peers = False if args.no_peers else (args.peers or True)
+    if args.layers:
+        result = run_layers(model, threads=args.threads, batch=args.batch[0], repeat=args.repeat,
+                            warmup=args.warmup, peers=peers, progress=not args.quiet, resolution=args.size)
+        print(format_layers(result))
+    else:
+        result = run_bench(model, batches=args.batch, repeat=args.repeat, warmup=args.warmup,
+                           threads=args.threads, backends=args.backends, peers=peers,
+                           progress=not args.quiet, resolution=args.size, rounds=args.rounds,
+                           tflite=args.tflite, compile_time=False if args.no_compile_time else None)
+        print(format_bench(result))
     if args.json:
         write_json(result, args.json)
         print(f"mnv2ref: wrote {printable(args.json)}", file=sys.stderr)
@@ -466,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_weights(command("trace", cmd_trace, "per-layer activation statistics, time and FLOPs for an image"))
     p.add_argument("image")
+    p.add_argument("--repeat", type=positive_int, help="timed passes (default: 20 numba, 3 numpy)")
+    p.add_argument("--threads", type=positive_int, help="numba threads (default: NUMBA_NUM_THREADS)")
     p.add_argument("--json", action="store_true")
 
     p = with_config(command("plot-cost", cmd_plot_cost, "bar chart of FLOPs and parameters per layer"))
@@ -476,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("layer", help="an endpoint, e.g. layer_3 or layer_3/expansion_output")
     p.add_argument("out", help="output image (.png, .svg, .pdf)")
 
-    p = command("bench", cmd_bench, "time the backends against onnxruntime (and TensorFlow / PyTorch "
-                "if installed), each in its own process")
+    p = command("bench", cmd_bench, "time the backends against ONNX Runtime, OpenVINO and LiteRT "
+                "(and TensorFlow / PyTorch if installed), each in its own process")
     p.add_argument("--weights", "-w", help="an .h5 from `convert` or a TF checkpoint prefix "
                    "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
     p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
@@ -490,8 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, nargs="+", metavar="T",
                    help="thread counts to measure (default: 1 and all CPUs)")
     p.add_argument("--backends", nargs="+", choices=("numba", "numpy"), default=["numba", "numpy"])
-    p.add_argument("--peers", nargs="+", choices=("onnxruntime", "tensorflow", "torch"),
+    p.add_argument("--peers", nargs="+", choices=("onnxruntime", "openvino", "litert", "tensorflow", "torch"),
                    help="peers to run (default: every one installed)")
+    p.add_argument("--tflite", metavar="FILE", help="a .tflite of the same weights for LiteRT "
+                   "(default: beside the weights, same stem)")
+    p.add_argument("--rounds", type=positive_int, default=5,
+                   help="split the timed runs into this many rounds, alternating between the engines (default 5)")
+    p.add_argument("--layers", action="store_true", help="per-layer times of numba beside OpenVINO's "
+                   "counters, at the first --batch size, instead of the whole-network bench")
     p.add_argument("--no-peers", action="store_true", help="run no peer")
     p.add_argument("--size", type=resolution, default=224, help="input resolution (default 224)")
     p.add_argument("--no-compile-time", action="store_true",

@@ -264,9 +264,11 @@ def _max_ir_version(onnx, opset: int) -> int:
     return onnx.IR_VERSION
 
 
-def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
+def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None, spinning: bool = True):
     """An onnxruntime CPU `InferenceSession` for an exported file, with
-    `intra_op_num_threads = threads` (None: onnxruntime's default)."""
+    `intra_op_num_threads = threads` (None: onnxruntime's default).
+    `spinning=False`: idle pool threads sleep at once instead of spinning for
+    a while after each run (on a shared machine, spinning steals cores)."""
     try:
         import onnxruntime as ort
     except ImportError as error:
@@ -276,4 +278,6 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
