@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError, Mnv2refError
-from .files import atomic_write, os_error
+from .files import atomic_write, check_regular_file, os_error
 from .interfaces import LAYOUTS, _check_choice
 
 FORMAT = "mnv2ref-golden"
@@ -213,6 +213,7 @@ def read_golden(path) -> tuple:
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".h5", ".hdf5"):
         raise InputError(f"golden file {path} must end in .npz, .h5 or .hdf5")
+    check_regular_file(path, "golden file")  # a FIFO would block the reader
     try:
         arrays, metadata = _read_npz(path) if suffix == ".npz" else _read_h5(path)
     except OSError as error:
@@ -235,10 +236,13 @@ def _read_npz(path: Path) -> tuple:
 def _read_h5(path: Path) -> tuple:
     import h5py
 
-    from .weights import _decode_attribute
+    from .weights import _decode_attribute, check_self_contained, refuse_links_out
 
     with h5py.File(path, "r") as f:
-        arrays = {_decode_attribute(node.attrs.get("endpoint", key)): node[()]
-                  for key, node in f.items() if isinstance(node, h5py.Dataset)}
+        refuse_links_out(f, path)
+        datasets = {key: node for key, node in f.items() if isinstance(node, h5py.Dataset)}
+        for node in datasets.values():
+            check_self_contained(node, path)
+        arrays = {_decode_attribute(node.attrs.get("endpoint", key)): node[()] for key, node in datasets.items()}
         metadata = {key: _decode_attribute(value) for key, value in f.attrs.items()}
     return arrays, metadata

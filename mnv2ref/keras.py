@@ -34,7 +34,9 @@ import numpy as np
 
 from .architecture import LOGITS_SCOPE, SCOPE, ConvSpec, layer_specs
 from .errors import InputError, Mnv2refError, WeightsError
-from .weights import infer_config, sha256_of, write_h5
+from .files import check_not_overwriting, check_regular_file
+from .weights import (check_self_contained, check_variables, infer_config, refuse_links_out, sha256_of,
+                      write_h5)
 
 KERAS_CLASSES = "imagenet-1000 (Keras: class k is TF-slim class k+1; background dropped)"
 CLASSES = {1001: "imagenet-1001 (TF-slim: class 0 is background)", 1000: KERAS_CLASSES,
@@ -89,6 +91,8 @@ def is_keras_h5(path) -> bool:
     """True for an HDF5 file in Keras's weights layout (root attribute `layer_names`)."""
     import h5py
 
+    if not Path(path).is_file():  # a FIFO would block libhdf5's open
+        return False
     try:
         with h5py.File(path, "r") as f:
             return _weights_root(f) is not None
@@ -140,10 +144,12 @@ def read_keras_h5(path) -> tuple:
     import h5py
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"{path}: no such weights file")
+    check_regular_file(path, "weights file")
     try:
         with h5py.File(path, "r") as f:
+            refuse_links_out(f, path)
             root = _weights_root(f)
             if root is None:
                 raise WeightsError(f"{path}: not a Keras weights file (no attribute layer_names)")
@@ -155,6 +161,7 @@ def read_keras_h5(path) -> tuple:
                 if dataset.dtype.kind != "f":
                     raise WeightsError(f"{path}: dataset {layer}/{name} has dtype {dataset.dtype}, "
                                        "expected float32")
+                check_self_contained(dataset, path)
                 value = np.asarray(dataset[()], dtype=np.float32)
                 variables[tf_name] = value[None, None] if value.ndim == 2 else value  # Dense -> 1x1 conv
                 origin[tf_name] = f"{layer}/{name}"
@@ -217,7 +224,9 @@ def convert_keras(keras_h5, out_h5, use_ema: bool = True) -> Path:
     if not use_ema:
         raise InputError(f"{keras_h5}: a Keras weights file holds one set of values; "
                          "--raw applies to TF checkpoints only")
+    check_not_overwriting(out_h5, [keras_h5])
     variables, attributes = read_keras_h5(keras_h5)
+    check_variables(variables, str(keras_h5))
     name = Path(keras_h5).name
     return write_h5(out_h5, variables, {**attributes, "source_files": [name],
                                         "source_sha256": {name: sha256_of(keras_h5)},

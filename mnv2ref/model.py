@@ -21,7 +21,7 @@ from . import layers as L
 from .architecture import ConvSpec, LayerSpec, layer_specs, logits_spec, variable_shapes
 from .errors import InputError, WeightsError
 from .interfaces import check_input, to_network_input
-from .weights import infer_config, read_h5, select_variables, shape_problems
+from .weights import check_variables, read_h5, select_variables, shape_problems
 
 Capture = Optional[Callable[[str, np.ndarray], None]]
 BACKENDS = ("numpy", "numba")
@@ -167,7 +167,8 @@ class MobileNetV2:
     source: str = "weights"
 
     def __post_init__(self):
-        self.depth_multiplier, self.num_classes = infer_config(self.variables, self.source)
+        # Every loader (checkpoint, HDF5, Keras, a dict of arrays) ends here.
+        self.depth_multiplier, self.num_classes = check_variables(self.variables, self.source)
         self.specs = layer_specs(self.depth_multiplier)
         self.layers = self._build_layers()
         self._fast = None

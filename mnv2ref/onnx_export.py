@@ -232,7 +232,8 @@ def export_onnx(model, path: Union[str, os.PathLike], opset: int = 13, batch: Op
                         f"TF SAME padding as explicit pads for {height}x{width}")
     proto = helper.make_model(graph, producer_name="mnv2ref",
                               opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = min(proto.ir_version, _max_ir_version(onnx, opset))
+    # IR 3 (opsets 7-8) would also require every initializer as a graph input.
+    proto.ir_version = min(proto.ir_version, max(_max_ir_version(onnx, opset), 4))
     from . import __version__
 
     proto.producer_version = __version__

@@ -11,12 +11,15 @@ downloads the published 1.0/224 checkpoint into the cache, once.
 from __future__ import annotations
 
 import os
+import stat
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .errors import WeightsError
+from .errors import Mnv2refWarning, WeightsError
+from .text import printable
 
 DATA_DIR = Path(__file__).parent / "data"
 EXAMPLE_IMAGE = DATA_DIR / "chelsea.jpg"
@@ -44,10 +47,22 @@ def cache_dir() -> Path:
 
 
 def _weights_in(folder: Path) -> Optional[Path]:
-    """The best .h5 in a folder: the full 1.0/224 model if there, else the newest."""
+    """The best .h5 in a folder: the full 1.0/224 model if there, else the newest.
+    A dangling link, unreadable file or non-file among them is skipped with a
+    warning, so that one bad entry does not stop every command."""
     if not folder.is_dir():
         return None
-    candidates = sorted(folder.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)
+    readable = {}
+    for path in folder.glob("*.h5"):
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
+                raise PermissionError("not a readable regular file")
+        except OSError as error:
+            warnings.warn(f"skipping {printable(path)}: {printable(error.strerror or error)}", Mnv2refWarning)
+            continue
+        readable[path] = st.st_mtime
+    candidates = sorted(readable, key=readable.get, reverse=True)
     preferred = [p for p in candidates if p.name == "mobilenet_v2_1.0_224.h5"]
     return (preferred or candidates or [None])[0]
 
