@@ -23,13 +23,16 @@ _PUBLIC = {
     "load_image": "preprocessing",
     "preprocess": "preprocessing",
     "cost": "accounting",
+    "trace": "trace",
     "verify": "verify",
 }
 
 
 def __getattr__(name):
     if name in _PUBLIC:
-        return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+        module = import_module(f".{_PUBLIC[name]}", __name__)
+        # `verify` is a package that is also callable (see mnv2ref/verify/__init__.py).
+        return module if name == "verify" else getattr(module, name)
     raise AttributeError(f"module 'mnv2ref' has no attribute {name!r}")
 
 

@@ -31,6 +31,13 @@ SCOPE = "MobilenetV2"
 BATCH_NORM_EPSILON = 1e-3
 PUBLISHED_DEPTH_MULTIPLIERS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 PUBLISHED_RESOLUTIONS = (96, 128, 160, 192, 224)
+# The largest network mnv2ref loads: twice the widest published one (1.4 with
+# 1001 classes, 6,158,505 values). Weights declaring more (a 200,000-class
+# classifier, say) are refused from their shapes, before anything is read.
+MAX_MODEL_VALUES = 2 * 6_158_505
+# Channel counts grow linearly with the depth multiplier; far beyond the
+# published 1.4 they stop meaning anything and overflow float arithmetic.
+MAX_DEPTH_MULTIPLIER = 10.0
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,11 @@ LOGITS_SCOPE = f"{SCOPE}/Logits/Conv2d_1c_1x1"
 
 
 def check_depth_multiplier(depth_multiplier: float) -> float:
-    if not (isinstance(depth_multiplier, (int, float)) and depth_multiplier > 0):
-        raise InputError(f"depth_multiplier must be a positive number, got {depth_multiplier!r}")
+    """A depth multiplier as a float in (0, MAX_DEPTH_MULTIPLIER]; InputError otherwise."""
+    if not (isinstance(depth_multiplier, (int, float)) and not isinstance(depth_multiplier, bool)
+            and 0 < depth_multiplier <= MAX_DEPTH_MULTIPLIER):
+        raise InputError(f"depth_multiplier must be a number in (0, {MAX_DEPTH_MULTIPLIER:g}], "
+                         f"got {depth_multiplier!r}")
     return float(depth_multiplier)
 
 

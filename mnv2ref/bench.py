@@ -1,52 +1,92 @@
-"""Benchmark the backends and their peers, one fresh process per measurement.
+"""Benchmark the backends against the engines people use, each in its own process.
 
     from mnv2ref.bench import run_bench, format_bench, write_json
-    result = run_bench(model)                 # numba + numpy, onnxruntime (+ TF/PyTorch if installed)
-    print(format_bench(result))
+    result = run_bench(model, tflite="mobilenet_v2_1.0_224.tflite")
+    print(format_bench(result))               # headline: numba / the fastest peer, per cell
     write_json(result, "bench.json")
+    print(format_layers(run_layers(model)))   # numba's layers beside OpenVINO's PERF_COUNT
 
-What is measured, for every backend x thread count x batch size
----------------------------------------------------------------
-Each measurement runs in its own Python subprocess, which loads the model's
-weights (dumped once to a temporary .npz), makes a seeded random batch in
-[-1, 1], runs `warmup` untimed forward passes and then `repeat` timed ones
-(`time.perf_counter` around each call). From the timings: the median latency
-and its spread (p10 / p90, min, max, mean), ms per image, images per second
-and the achieved GFLOP/s (FLOPs per image from `mnv2ref.cost`, 0.615 GFLOP for
-1.0/224, times the batch, over the median latency). The output of each run is
-compared with the NumPy backend's (or the first backend's) on the same input.
+What is measured, for every engine x thread count x batch size
+--------------------------------------------------------------
+Every (engine, threads, batch) measurement has a worker process of its own,
+which loads the weights (dumped once to a temporary .npz; a peer gets the
+same weights as a file of its own format), makes a seeded random batch in
+[-1, 1] and then runs rounds when the parent says so. The timed runs are
+split into `rounds` rounds, and the rounds alternate between the workers:
+every worker's round 1 (engine A, engine B, ..., for every cell), then every
+worker's round 2, and so on (`plan_rounds`). So slow drift on a noisy
+machine (another process starting, the CPU's clock changing) hits every
+engine alike instead of whichever engine happened to run at that moment.
+The workers stay warm between their rounds, waiting on their stdin, rather
+than being started again per round: a fresh process per round would pay its
+start-up (imports, loading, compiling a graph: 0.5-3 s) once per round and
+measure a cold start each time. Round 1 begins with `warmup` untimed runs,
+every later round with REWARM untimed runs, because the other workers'
+rounds in between evicted this one's weights from the caches. Each run is
+timed with `time.perf_counter` around one call. From the timings: the
+median latency and its spread (p10 / p90, min, max, mean), ms per image,
+images per second and the achieved GFLOP/s (FLOPs per image from
+`mnv2ref.cost`, 0.615 GFLOP for 1.0/224, times the batch, over the median).
+
+The output of each engine is compared with the NumPy backend's (or, without
+it, the numba backend's) on the same input: max|out - ref| / max|ref|.
 
 Our backends run `model.predict` (or `model.embed` for a backbone without
-classifier). The NumPy backend takes ~0.25 s per image, so it gets at most
+classifier). The NumPy backend takes ~30 ms per image, so it gets at most
 `NUMPY_MAX_REPEAT` timed runs and one warm-up.
 
-Peak memory: a subprocess per measurement makes the peak resident set size
-(RSS) that backend's own. It is read from `/proc/self/status` (`VmHWM`, in
+The headline is the ratio of each of our backends' median latency to the
+fastest peer's at the same threads and batch (`ratios`; the peer is named).
+
+Peak memory: one process per measurement makes the peak resident set size
+(RSS) that engine's own. It is read from `/proc/self/status` (`VmHWM`, in
 kB) where it exists, because on Linux `getrusage(RUSAGE_SELF).ru_maxrss` of a
 freshly exec'd child still includes the *parent's* peak when the child was
 spawned with vfork (as Python's subprocess does): a 400 MB parent makes every
 child report >= 400 MB. Elsewhere `ru_maxrss` is used (kB on Linux, bytes on
 macOS).
 
-Peers, in the same run and on the same weights
-----------------------------------------------
+Peers, on the same weights
+--------------------------
 * onnxruntime: this model exported with `onnx_export.export_onnx` (BatchNorm
   folded, TF SAME padding as explicit pads), `intra_op_num_threads` = the
-  thread count;
+  thread count, spinning off (`session.intra_op.allow_spinning` = 0: an idle
+  pool that spins would steal the core of the next engine's round);
+* openvino: the same ONNX graph, reshaped to the batch, compiled for the CPU
+  with OPENVINO_CONFIG (float32 inference, the thread count, one stream,
+  latency hint);
+* litert: LiteRT (TF Lite) with its default XNNPACK delegate on a `.tflite`
+  of the same weights (`tflite=`; by default the file beside the weights
+  with the same stem, as `mnv2ref fetch` keeps the published archive's),
+  input resized to the batch; its output is the softmax, so it needs a
+  model with classifier and a .tflite made for the bench's resolution;
 * TensorFlow and PyTorch, only if installed: the same network written with
   their conv ops from our folded weights (`_TFOps`, `_TorchOps`; TF pads
   "SAME" itself, PyTorch gets the asymmetric pads explicitly).
+A peer that is not installed, or cannot run this model, is listed as skipped
+with the reason.
 
 Threads: a thread count T sets `numba.set_num_threads(T)` (and
-NUMBA_NUM_THREADS), onnxruntime's intra-op threads, TF's / PyTorch's intra-op
-threads, and OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS for the
-BLAS behind the NumPy backend. By default 1 and all available CPUs.
+NUMBA_NUM_THREADS), every peer's intra-op threads, and OMP_NUM_THREADS /
+OPENBLAS_NUM_THREADS / MKL_NUM_THREADS for the BLAS behind the NumPy backend.
+By default 1 and all available CPUs.
 
 Compile time (with the numba backend): one subprocess with NUMBA_CACHE_DIR
 pointing at a fresh empty folder is timed from spawn to its first prediction
 (interpreter start + imports + loading the weights + JIT compilation + one
 forward pass), then a second subprocess with the now warm cache: the target
 is that it reaches its first prediction within `WARM_START_TARGET_S`.
+
+Per layer (`run_layers`, `mnv2ref bench --layers`)
+--------------------------------------------------
+Our layers timed by `mnv2ref.trace` on the numba fast path (each layer as
+`fast.run` runs it, on its real input) beside OpenVINO's own per-node
+counters (`PERF_COUNT`, `request.get_profiling_info()`), each in its own
+process per thread count. OpenVINO's nodes keep the names of the ONNX graph,
+which are TF-slim's scopes (`MobilenetV2/expanded_conv_3/expand/...`), so
+they are summed per layer of ours (`openvino_layer`); what OpenVINO adds
+itself (layout reorders of the input) is the row "other". Both sides report
+the per-layer mean of `repeat` runs, their sum and the end-to-end median.
 """
 
 from __future__ import annotations
@@ -59,20 +99,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .architecture import same_padding
+from .architecture import LOGITS_SCOPE, SCOPE, same_padding
 from .errors import InputError
+from .onnx_export import INPUT_NAME
 
-__all__ = ["run_bench", "format_bench", "write_json", "BACKENDS", "PEERS", "SCHEMA"]
+__all__ = ["run_bench", "format_bench", "run_layers", "format_layers", "write_json", "plan_rounds",
+           "BACKENDS", "PEERS", "SCHEMA", "LAYERS_SCHEMA"]
 
-SCHEMA = "mnv2ref-bench/1"
+SCHEMA = "mnv2ref-bench/2"
+LAYERS_SCHEMA = "mnv2ref-bench-layers/1"
 BACKENDS = ("numba", "numpy")
-PEERS = ("onnxruntime", "tensorflow", "torch")
+PEERS = ("onnxruntime", "openvino", "litert", "tensorflow", "torch")
+PEER_MODULES = {  # a peer runs when, for each entry, one of its modules is installed
+    "onnxruntime": (("onnx",), ("onnxruntime",)),
+    "openvino": (("onnx",), ("openvino",)),
+    "litert": (("ai_edge_litert", "tflite_runtime"),),
+    "tensorflow": (("tensorflow",),),
+    "torch": (("torch",),),
+}
+OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+ROUNDS = 5
+REWARM = 1  # untimed runs at the start of every round after the first
 NUMPY_MAX_REPEAT = 5
 NUMPY_MAX_WARMUP = 1
 WARM_START_TARGET_S = 2.0
@@ -93,6 +147,12 @@ def _positive_ints(value, what: str) -> list:
                          for v in values):
         raise InputError(f"{what} must be positive integers, got {value!r}")
     return list(dict.fromkeys(int(v) for v in values))
+
+
+def _check_count(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def available_cpus() -> int:
@@ -119,10 +179,10 @@ def _peer_list(peers) -> tuple:
     unknown = [p for p in wanted if p not in PEERS]
     if unknown:
         raise InputError(f"unknown peer {unknown[0]!r}; peers are {', '.join(PEERS)}")
-    needs = {"onnxruntime": ("onnx", "onnxruntime"), "tensorflow": ("tensorflow",), "torch": ("torch",)}
     run, skipped = [], []
-    for peer in wanted:
-        missing = [m for m in needs[peer] if not installed(m)]
+    for peer in dict.fromkeys(wanted):
+        missing = [" or ".join(choices) for choices in PEER_MODULES[peer]
+                   if not any(installed(m) for m in choices)]
         if missing:
             skipped.append({"backend": peer, "reason": f"{', '.join(missing)} not installed"})
         else:
@@ -130,11 +190,65 @@ def _peer_list(peers) -> tuple:
     return run, skipped
 
 
+def default_tflite(source: str) -> Path:
+    """Where a .tflite of the same weights is looked for: beside them, same
+    stem (`mobilenet_v2_1.0_224.h5` or `mobilenet_v2_1.0_224.ckpt.index` ->
+    `mobilenet_v2_1.0_224.tflite`, as the published archive names it)."""
+    path = Path(source)
+    if path.suffix == ".index":
+        path = path.with_suffix("")
+    return path.with_suffix(".tflite")
+
+
+def _litert_interpreter():
+    """LiteRT's Interpreter class (ai_edge_litert, else the older tflite_runtime)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        from tflite_runtime.interpreter import Interpreter
+    return Interpreter
+
+
+def _litert_problem(path: Optional[Path], model, resolution: tuple, explicit: bool) -> Optional[str]:
+    """Why LiteRT cannot run this bench on the .tflite at `path` (None: it can)."""
+    if path is None or not path.is_file():
+        how = "no such file" if explicit else "no .tflite beside the weights"
+        return f"{how}: {path} (pass --tflite FILE, a .tflite of the same weights)"
+    if not model.num_classes:
+        return "the .tflite outputs class probabilities; these weights have no classifier to compare with"
+    interpreter = _litert_interpreter()(model_path=str(path))
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    if list(inp["shape"][1:]) != [*resolution, 3] or list(out["shape"][1:]) != [model.num_classes]:
+        return (f"{path.name} maps {list(inp['shape'][1:])} to {list(out['shape'][1:])}; this bench "
+                f"needs {[*resolution, 3]} to [{model.num_classes}] (--size {inp['shape'][1]}?)")
+    return None
+
+
 def flops_per_image(depth_multiplier: float, resolution: tuple, num_classes: int) -> tuple:
     """(FLOPs of one forward pass, where the number comes from), from `cost()`."""
     from .accounting import cost
 
     return int(cost(depth_multiplier, tuple(resolution), num_classes).totals.flops), "mnv2ref.cost"
+
+
+def split_runs(total: int, rounds: int) -> list:
+    """`total` runs as near-equal counts for at most `rounds` rounds, none empty:
+    (20, 5) -> [4, 4, 4, 4, 4]; (7, 3) -> [3, 2, 2]; (2, 5) -> [1, 1]."""
+    rounds = min(rounds, total)
+    return [total // rounds + (i < total % rounds) for i in range(rounds)]
+
+
+def plan_rounds(repeats: Sequence[int], rounds: int) -> list:
+    """The order in which the workers run: [(round, job index, timed runs)].
+
+    Job j's `repeats[j]` timed runs are split over at most `rounds` rounds
+    (`split_runs`), and the order is round-major: round 0 of every job in
+    job order, then round 1 of every job, ... (a job with fewer runs drops
+    out of the last rounds). Alternating like this spreads slow drift on a
+    noisy machine over all the engines."""
+    shares = [split_runs(r, rounds) for r in repeats]
+    return [(k, j, share[k]) for k in range(max(map(len, shares), default=0))
+            for j, share in enumerate(shares) if k < len(share)]
 
 
 # ---------------------------------------------------------------------------
@@ -145,80 +259,81 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
               threads: Union[None, int, Sequence[int]] = None,
               backends: Sequence[str] = BACKENDS, peers: Union[bool, Sequence[str]] = True,
               progress: bool = True, resolution: Union[int, tuple] = 224,
-              compile_time: Optional[bool] = None, seed: int = 0) -> dict:
+              compile_time: Optional[bool] = None, seed: int = 0, rounds: int = ROUNDS,
+              tflite: Union[None, str, os.PathLike] = None) -> dict:
     """Benchmark `model` (a `MobileNetV2`); returns a JSON-serialisable dict.
 
     batches: batch sizes; repeat / warmup: timed and untimed runs per
     measurement (the NumPy backend gets at most NUMPY_MAX_REPEAT and
-    NUMPY_MAX_WARMUP); threads: an int or a list (default: 1 and all CPUs);
-    backends: ours, from ("numba", "numpy"); peers: True for every installed
-    peer, False for none, or a list from PEERS; resolution: the input's H x W
-    (int or pair); compile_time: time the numba cold / warm cache start
-    (default: when "numba" is among the backends). A tqdm progress bar goes
-    to stderr unless `progress` is False.
+    NUMPY_MAX_WARMUP); rounds: the timed runs are split into this many
+    rounds, alternating between the engines (see the module docstring);
+    threads: an int or a list (default: 1 and all CPUs); backends: ours, from
+    ("numba", "numpy"); peers: True for every installed peer, False for none,
+    or a list from PEERS; tflite: the .tflite for LiteRT (default: beside the
+    weights, `default_tflite`); resolution: the input's H x W (int or pair);
+    compile_time: time the numba cold / warm cache start (default: when
+    "numba" is among the backends). A tqdm progress bar goes to stderr unless
+    `progress` is False.
 
     Keys: schema, model, flops_per_image, flops_source, machine, settings,
-    results (one row per backend x threads x batch), ratios, compile,
-    errors, skipped. See `format_bench`."""
+    results (one row per engine x threads x batch), ratios (each of our rows
+    over the fastest peer of its cell), compile, errors, skipped. See
+    `format_bench`."""
     from .onnx_export import _resolution
 
     batches = _positive_ints(batches, "batches")
     thread_counts = default_threads() if threads is None else _positive_ints(threads, "threads")
-    for name, value, low in (("repeat", repeat, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    repeat, warmup = _check_count("repeat", repeat, 1), _check_count("warmup", warmup, 0)
+    rounds = _check_count("rounds", rounds, 1)
     backends = list(dict.fromkeys([backends] if isinstance(backends, str) else backends))
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise InputError(f"unknown backend {unknown[0]!r}; backends are {', '.join(BACKENDS)}")
     peer_names, skipped = _peer_list(peers)
-    if not backends and not peer_names:
-        raise InputError("nothing to benchmark: no backend and no installed peer")
     height, width = _resolution(resolution)
+    output = "Predictions" if model.num_classes else "global_pool"
+    tflite_path = Path(tflite) if tflite is not None else default_tflite(model.source)
+    if "litert" in peer_names:
+        problem = _litert_problem(tflite_path, model, (height, width), explicit=tflite is not None)
+        if problem:
+            peer_names.remove("litert")
+            skipped.append({"backend": "litert", "reason": problem})
+    if not backends and not peer_names:
+        raise InputError("nothing to benchmark: no backend and no peer that can run")
     if compile_time is None:
         compile_time = "numba" in backends
-    output = "Predictions" if model.num_classes else "global_pool"
     flops, flops_source = flops_per_image(model.depth_multiplier, (height, width), model.num_classes)
 
     result = {
         "schema": SCHEMA,
-        "model": {"depth_multiplier": float(model.depth_multiplier), "num_classes": int(model.num_classes),
-                  "source": str(model.source), "resolution": [height, width], "output": output},
+        "model": _model_info(model, (height, width), output),
         "flops_per_image": flops,
         "flops_source": flops_source,
         "machine": machine_info(),
-        "settings": {"batches": batches, "repeat": int(repeat), "warmup": int(warmup),
-                     "threads": thread_counts, "backends": backends, "peers": peer_names,
-                     "numpy_max_repeat": NUMPY_MAX_REPEAT, "seed": int(seed)},
+        "settings": {"batches": batches, "repeat": repeat, "warmup": warmup, "rounds": rounds,
+                     "rewarm": REWARM, "threads": thread_counts, "backends": backends, "peers": peer_names,
+                     "numpy_max_repeat": NUMPY_MAX_REPEAT, "seed": int(seed),
+                     "tflite": str(tflite_path) if "litert" in peer_names else None,
+                     "openvino_config": OPENVINO_CONFIG},
         "results": [], "ratios": [], "compile": None, "errors": [], "skipped": skipped,
     }
 
     with tempfile.TemporaryDirectory(prefix="mnv2ref-bench-") as tmp:
         tmp = Path(tmp)
-        weights = tmp / "variables.npz"
-        np.savez(weights, **{name: np.asarray(value) for name, value in model.variables.items()})
-        common = {"weights": str(weights), "source": str(model.source), "output": output,
-                  "resolution": [height, width], "seed": int(seed),
-                  "metadata": json.loads(json.dumps(dict(model.metadata), default=str))}
-        if "onnxruntime" in peer_names:
-            from .onnx_export import export_onnx
+        common = _common_job(model, tmp, (height, width), output, seed)
+        if "litert" in peer_names:
+            common["tflite"] = str(tflite_path)
+        _export_for_peers(model, tmp, (height, width), common, peer_names, result["errors"])
 
-            try:
-                common["onnx"] = str(export_onnx(model, tmp / "model.onnx", resolution=(height, width)))
-            except Exception as error:  # noqa: BLE001 - reported, the other backends still run
-                peer_names.remove("onnxruntime")
-                result["errors"].append({"backend": "onnxruntime", "threads": None, "batch": None,
-                                         "error": f"export failed: {type(error).__name__}: {error}"})
-
+        engines = backends + peer_names
         jobs = []
         for t in thread_counts:
-            for backend in backends + peer_names:
-                slow = backend == "numpy"
-                r = min(repeat, NUMPY_MAX_REPEAT) if slow else int(repeat)
-                w = min(warmup, NUMPY_MAX_WARMUP) if slow else int(warmup)
-                for batch in batches:
-                    jobs.append(dict(common, mode="bench", backend=backend, threads=t, batch=batch,
-                                     repeat=r, warmup=max(w, 1)))
+            for batch in batches:
+                for engine in engines:
+                    slow = engine == "numpy"
+                    jobs.append(dict(common, mode="bench", backend=engine, threads=t, batch=batch,
+                                     repeat=min(repeat, NUMPY_MAX_REPEAT) if slow else repeat,
+                                     warmup=max(min(warmup, NUMPY_MAX_WARMUP) if slow else warmup, 1)))
         startup = []
         if compile_time:
             cache = tmp / "numba-cache"
@@ -227,37 +342,108 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
                 startup.append(dict(common, mode="startup", backend="numba", phase=phase,
                                     threads=max(thread_counts), batch=1, numba_cache_dir=str(cache)))
 
-        total = sum(j["warmup"] + j["repeat"] for j in jobs) + 2 * len(startup)
+        plan = plan_rounds([job["repeat"] for job in jobs], rounds)
+        untimed = {(k, j): jobs[j]["warmup"] if k == 0 else REWARM for k, j, _ in plan}
+        total = sum(n + untimed[k, j] for k, j, n in plan) + 2 * len(startup)
         bar = _progress_bar(total, progress)
         outputs = {}
         try:
-            for index, job in enumerate(jobs):
-                bar.set_description(f"{job['backend']} {job['threads']}t b{job['batch']}")
-                job["output_path"] = str(tmp / f"output_{index}.npy")
-                done = _run_worker(job, tmp / f"job_{index}", bar)
-                if "error" in done:
-                    result["errors"].append({"backend": job["backend"], "threads": job["threads"],
-                                             "batch": job["batch"], "error": done["error"]})
-                    continue
-                row = _summarise(job, done, flops)
-                result["results"].append(row)
-                outputs[(job["backend"], job["threads"], job["batch"])] = job["output_path"]
+            rows = _run_rounds(jobs, plan, untimed, tmp, bar, result["errors"])
+            for j, row in rows.items():
+                result["results"].append(_summarise(jobs[j], row, flops))
+                outputs[(jobs[j]["backend"], jobs[j]["threads"], jobs[j]["batch"])] = jobs[j]["output_path"]
             if startup:
-                compile_info = {"target_s": WARM_START_TARGET_S, "threads": max(thread_counts)}
-                for index, job in enumerate(startup):
-                    bar.set_description(f"numba start, {job['phase']} cache")
-                    done = _run_worker(job, tmp / f"startup_{index}", bar)
-                    compile_info[job["phase"]] = done
-                warm = compile_info.get("warm", {})
-                compile_info["warm_meets_target"] = (None if "error" in warm else
-                                                     warm.get("to_first_prediction_s", 1e9)
-                                                     <= WARM_START_TARGET_S)
-                result["compile"] = compile_info
-            _agreement(result["results"], outputs, backends + peer_names)
+                result["compile"] = _start_up(startup, tmp, bar, max(thread_counts))
+            _agreement(result["results"], outputs, engines)
         finally:
             bar.close()
     result["ratios"] = _ratios(result["results"])
     return result
+
+
+def _model_info(model, resolution: tuple, output: str) -> dict:
+    return {"depth_multiplier": float(model.depth_multiplier), "num_classes": int(model.num_classes),
+            "source": str(model.source), "resolution": list(resolution), "output": output}
+
+
+def _common_job(model, tmp: Path, resolution: tuple, output: str, seed: int) -> dict:
+    """What every worker needs: the weights (as an .npz in `tmp`) and the input."""
+    weights = tmp / "variables.npz"
+    np.savez(weights, **{name: np.asarray(value) for name, value in model.variables.items()})
+    return {"weights": str(weights), "source": str(model.source), "output": output,
+            "resolution": list(resolution), "seed": int(seed),
+            "metadata": json.loads(json.dumps(dict(model.metadata), default=str))}
+
+
+def _export_for_peers(model, tmp: Path, resolution: tuple, common: dict, peer_names: list,
+                      errors: list) -> None:
+    """The ONNX graph for onnxruntime and OpenVINO, as common["onnx"]; if the
+    export fails, those peers are dropped with an error row."""
+    users = [p for p in ("onnxruntime", "openvino") if p in peer_names]
+    if not users:
+        return
+    from .onnx_export import export_onnx
+
+    try:
+        common["onnx"] = str(export_onnx(model, tmp / "model.onnx", resolution=resolution))
+    except Exception as error:  # noqa: BLE001 - reported, the other engines still run
+        for peer in users:
+            peer_names.remove(peer)
+            errors.append({"backend": peer, "threads": None, "batch": None,
+                           "error": f"export failed: {type(error).__name__}: {error}"})
+
+
+def _run_rounds(jobs: list, plan: list, untimed: dict, tmp: Path, bar, errors: list) -> dict:
+    """Run `plan` (from `plan_rounds`) with one warm worker per job; return
+    {job index: {"times_s", "warmup_s", "rounds", "report"}} for the jobs
+    that succeeded, and append an error row for each that failed."""
+    last_round = {j: k for k, j, _ in plan}
+    expected = {}
+    for k, j, n in plan:
+        expected[j] = expected.get(j, 0) + n + untimed[k, j]
+    workers, rows, failed = {}, {}, set()
+    try:
+        for k, j, n in plan:
+            if j in failed:
+                continue
+            job = jobs[j]
+            bar.set_description(f"round {k + 1}: {job['backend']} {job['threads']}t b{job['batch']}")
+            if j not in workers:
+                job["output_path"] = str(tmp / f"output_{j}.npy")
+                workers[j] = _Worker(job, tmp / f"job_{j}")
+                rows[j] = {"times_s": [], "warmup_s": [], "rounds": 0}
+            done = workers[j].run_round(untimed[k, j], n, bar)
+            if done is not None:
+                rows[j]["times_s"] += done["times_s"]
+                rows[j]["rounds"] += 1
+                if k == 0:
+                    rows[j]["warmup_s"] = done["warmup_s"]
+            if done is None or k == last_round[j]:
+                report = workers.pop(j).close(bar)
+                if done is None or "error" in report:
+                    bar.update(max(expected[j] - report.get("ticks", 0), 0))
+                    failed.add(j)
+                    rows.pop(j)
+                    errors.append({"backend": job["backend"], "threads": job["threads"], "batch": job["batch"],
+                                   "error": report.get("error", "worker stopped without a result")})
+                else:
+                    rows[j]["report"] = report
+    finally:
+        for worker in workers.values():  # interrupted: stop the workers we started
+            worker.kill()
+    return rows
+
+
+def _start_up(startup: list, tmp: Path, bar, threads: int) -> dict:
+    """Time the cold- and warm-cache start of numba (one-shot workers)."""
+    info = {"target_s": WARM_START_TARGET_S, "threads": threads}
+    for index, job in enumerate(startup):
+        bar.set_description(f"numba start, {job['phase']} cache")
+        info[job["phase"]] = _Worker(job, tmp / f"startup_{index}").close(bar)
+    warm = info.get("warm", {})
+    info["warm_meets_target"] = (None if "error" in warm else
+                                 warm.get("to_first_prediction_s", 1e9) <= WARM_START_TARGET_S)
+    return info
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -286,43 +472,81 @@ def worker_env(threads: int, numba_cache_dir: Optional[str] = None) -> dict:
     return env
 
 
-def _run_worker(job: dict, stem: Path, bar) -> dict:
-    """Run one worker to completion, advancing `bar` as it reports; return
-    its result dict ({"error": ...} if it failed)."""
-    spec, result_path, stderr_path = (stem.with_suffix(s) for s in (".json", ".result.json", ".stderr"))
-    job = dict(job, result_path=str(result_path))
-    spec.write_text(json.dumps(job))
-    with open(stderr_path, "w") as stderr:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", WORKER_CODE, str(spec)], stdout=subprocess.PIPE,
-                                stderr=stderr, stdin=subprocess.DEVNULL, text=True,
-                                env=worker_env(job["threads"], job.get("numba_cache_dir")))
-        first, ticks = None, 0
+class _Worker:
+    """One worker process (`_worker_main` in a fresh interpreter), kept warm:
+    `run_round` tells it to time one round and returns that round's
+    timings; `close` ends it (EOF on its stdin) and returns its final report.
+
+    The protocol is lines on the worker's stdin and stdout: the parent sends
+    {"warmup": w, "repeat": r} as JSON; the worker answers "." per run (for
+    the progress bar) and then "round {json}"; a one-shot worker (start-up
+    timing) prints "first" at its first prediction. The final report goes to
+    a JSON file, so that nothing a library prints can corrupt it."""
+
+    def __init__(self, job: dict, stem: Path):
+        spec, self.result_path, self.stderr_path = (stem.with_suffix(s) for s in
+                                                    (".json", ".result.json", ".stderr"))
+        job = dict(job, result_path=str(self.result_path))
+        spec.write_text(json.dumps(job))
+        self.ticks, self.first = 0, None
+        self.started = time.perf_counter()
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-c", WORKER_CODE, str(spec)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                         env=worker_env(job["threads"], job.get("numba_cache_dir")))
+
+    def _read(self, bar, until: Optional[str] = None) -> Optional[dict]:
+        """Read the worker's lines up to one starting with `until` (its JSON
+        payload is returned), or to the end of its output (None)."""
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line in (".", "first"):
+                self.ticks += 1
+                bar.update(1)
+            if line == "first":
+                self.first = time.perf_counter() - self.started
+            if until and line.startswith(until + " "):
+                return json.loads(line[len(until) + 1:])
+        return None
+
+    def run_round(self, warmup: int, repeat: int, bar) -> Optional[dict]:
+        """{"times_s", "warmup_s"} of one round, or None if the worker died."""
         try:
-            for line in proc.stdout:
-                line = line.strip()
-                if line in (".", "first"):
-                    ticks += 1
-                    bar.update(1)
-                if line == "first":
-                    first = time.perf_counter() - start
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted: stop the worker we started
-                proc.kill()
-                proc.wait()
-    expected = job.get("warmup", 0) + job.get("repeat", 0) if job["mode"] == "bench" else 2
-    bar.update(max(expected - ticks, 0))  # a failed worker's remaining share of the bar
-    wall = time.perf_counter() - start
-    try:
-        done = json.loads(result_path.read_text())
-    except (OSError, ValueError):
-        tail = [line for line in stderr_path.read_text(errors="replace").splitlines() if line.strip()]
-        done = {"error": (tail[-1] if tail else f"worker exited with status {code} and no result")}
-    if first is not None:
-        done["to_first_prediction_s"] = round(first, 4)
-    done["process_wall_s"] = round(wall, 4)
-    return done
+            self.proc.stdin.write(json.dumps({"warmup": warmup, "repeat": repeat}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it has exited already: close() reads why
+            return None
+        return self._read(bar, "round")
+
+    def close(self, bar) -> dict:
+        """Let the worker finish and return its report ({"error": ...} if it failed)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self._read(bar)
+        code = self.proc.wait()
+        self.proc.stdout.close()
+        try:
+            done = json.loads(self.result_path.read_text())
+        except (OSError, ValueError):
+            tail = [line for line in self.stderr_path.read_text(errors="replace").splitlines() if line.strip()]
+            done = {"error": (tail[-1] if tail else f"worker exited with status {code} and no result")}
+        if self.first is not None:
+            done["to_first_prediction_s"] = round(self.first, 4)
+        done["process_wall_s"] = round(time.perf_counter() - self.started, 4)
+        done["ticks"] = self.ticks
+        return done
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 def _stats(seconds: Iterable[float]) -> dict:
@@ -332,30 +556,34 @@ def _stats(seconds: Iterable[float]) -> dict:
             "mean": float(ms.mean()), "n": int(ms.size)}
 
 
-def _summarise(job: dict, done: dict, flops: int) -> dict:
-    latency = _stats(done["times_s"])
+def _summarise(job: dict, row: dict, flops: int) -> dict:
+    latency = _stats(row["times_s"])
     median_s = latency["median"] / 1e3
     batch = job["batch"]
+    report = row["report"]
     return {
         "backend": job["backend"], "kind": "peer" if job["backend"] in PEERS else "mnv2ref",
         "threads": job["threads"], "batch": batch, "repeat": job["repeat"], "warmup": job["warmup"],
+        "rounds": row["rounds"],
         "latency_ms": latency,
-        "warmup_ms": [round(s * 1e3, 3) for s in done["warmup_s"]],
+        "warmup_ms": [round(s * 1e3, 3) for s in row["warmup_s"]],
         "per_image_ms": latency["median"] / batch,
         "images_per_s": batch / median_s,
         "gflops": flops * batch / median_s / 1e9,
-        "peak_rss_mb": done["peak_rss_kb"] / 1024,
-        "rss_after_load_mb": done["rss_after_load_kb"] / 1024,
-        "rss_source": done["rss_source"],
-        "versions": done.get("versions", {}),
-        "process_wall_s": done["process_wall_s"],
+        "peak_rss_mb": report["peak_rss_kb"] / 1024,
+        "rss_after_load_mb": report["rss_after_load_kb"] / 1024,
+        "rss_source": report["rss_source"],
+        "versions": report.get("versions", {}),
+        "process_wall_s": report["process_wall_s"],
     }
 
 
 def _agreement(rows: list, outputs: dict, order: list) -> None:
-    """Each row's max|out - ref| / max|ref| against another backend's output on
-    the same batch: the NumPy backend's (the readable reference), or for the
-    NumPy backend itself the first other backend's."""
+    """Each row's max|out - ref| / max|ref| against another engine's output on
+    the same batch: the NumPy backend's (the readable reference), else the
+    numba backend's, or for the reference itself the next engine's."""
+    from .compare import relative_error
+
     for row in rows:
         key = (row["backend"], row["threads"], row["batch"])
         refs = [k for k in outputs if k[2] == row["batch"] and k[0] != row["backend"]]
@@ -363,15 +591,15 @@ def _agreement(rows: list, outputs: dict, order: list) -> None:
         row["reference"], row["max_rel_diff"] = None, None
         if not refs:
             continue
-        ours, ref = np.load(outputs[key]).astype(np.float64), np.load(outputs[refs[0]]).astype(np.float64)
+        ours, ref = np.load(outputs[key]), np.load(outputs[refs[0]])
         row["reference"] = refs[0][0]
         if ours.shape == ref.shape:
-            row["max_rel_diff"] = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+            row["max_rel_diff"] = relative_error(ours, ref)
 
 
 def _ratios(rows: list) -> list:
     """Each row's median latency over the fastest peer's at the same threads
-    and batch (over the fastest backend when no peer ran)."""
+    and batch (over the fastest engine when no peer ran): the headline."""
     ratios = []
     for row in rows:
         same = [r for r in rows if r["threads"] == row["threads"] and r["batch"] == row["batch"]]
@@ -382,8 +610,25 @@ def _ratios(rows: list) -> list:
         if row["kind"] == "mnv2ref" and fastest is not row:
             ratios.append({"threads": row["threads"], "batch": row["batch"], "backend": row["backend"],
                            "peer": fastest["backend"], "ratio": row["vs_ratio"],
+                           "ms": row["latency_ms"]["median"], "peer_ms": fastest["latency_ms"]["median"],
                            "noisy": _noisy(row["latency_ms"]) or _noisy(fastest["latency_ms"])})
     return ratios
+
+
+def cpu_info() -> dict:
+    """{"vendor", "model"} of the CPU, from /proc/cpuinfo where it exists."""
+    found = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = {"vendor_id": "vendor", "model name": "model"}.get(key.strip())
+                if key and key not in found:
+                    found[key] = value.strip()
+    except OSError:
+        pass
+    return {"vendor": found.get("vendor", platform.machine()),
+            "model": found.get("model", platform.processor() or platform.machine())}
 
 
 def machine_info() -> dict:
@@ -393,18 +638,14 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     from . import __version__
 
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "cpus_available": available_cpus(), "python": platform.python_version(),
-            "mnv2ref": __version__,
-            "versions": {p: version(p) for p in ("numpy", "numba", "onnx", "onnxruntime", "tensorflow", "torch")
+    cpu = cpu_info()
+    return {"platform": platform.platform(), "cpu": cpu["model"], "cpu_vendor": cpu["vendor"],
+            "cpus": os.cpu_count(), "cpus_available": available_cpus(), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "mnv2ref": __version__,
+            "versions": {p: version(p) for p in ("numpy", "numba", "onnx", "onnxruntime", "openvino",
+                                                 "ai-edge-litert", "tflite-runtime", "tensorflow", "torch")
                          if version(p)}}
 
 
@@ -416,20 +657,48 @@ def _thread_label(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
 
-def format_bench(result: dict) -> str:
-    """The result of `run_bench` as a text table, with ratios to the fastest
-    peer, the Numba start-up times, errors and skipped peers."""
+def _header(result: dict) -> list:
+    """The first lines of a report: the model, the machine, the date."""
     m = result["model"]
     h, w = m["resolution"]
     mach = result["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in mach["versions"].items())
-    lines = [
+    return [
         f"MobileNetV2 {m['depth_multiplier']}/{h}x{w}, "
         + (f"{m['num_classes']} classes" if m["num_classes"] else "backbone")
         + f" -> {m['output']}; {result['flops_per_image'] / 1e9:.4f} GFLOP/image ({result['flops_source']})",
-        f"{mach['cpu']}, {mach['cpus_available']}/{mach['cpus']} CPUs; python {mach['python']}, {versions}",
+        f"CPU: {mach['cpu']} ({mach['cpu_vendor']}), {mach['cpus_available']}/{mach['cpus']} CPUs; {mach['date']}",
+        f"python {mach['python']}, {versions}",
         "",
     ]
+
+
+def _align(table: list, numeric: set) -> list:
+    """Rows of cells as aligned lines, a rule under the header."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = []
+    for i, row in enumerate(table):
+        lines.append("  ".join(cell.rjust(widths[j]) if j in numeric else cell.ljust(widths[j])
+                               for j, cell in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * wd for wd in widths))
+    return lines
+
+
+def format_bench(result: dict) -> str:
+    """The result of `run_bench` as text: the headline (each of our backends
+    over the fastest peer, per threads x batch), the table of every
+    measurement, the Numba start-up times, errors and skipped peers."""
+    lines = _header(result)
+    headline = ([q for q in result["ratios"] if q["backend"] == "numba"] or result["ratios"])
+    if headline:
+        lines.append("Headline: median latency over the fastest peer's (lower is better; < 1: faster than all)")
+        table = [("threads", "batch", "backend", "ms", "fastest peer", "ms", "ratio")]
+        for q in sorted(headline, key=lambda q: (q["backend"], q["threads"], q["batch"])):
+            table.append((str(q["threads"]), str(q["batch"]), q["backend"], f"{q['ms']:.2f}", q["peer"],
+                          f"{q['peer_ms']:.2f}", f"{q['ratio']:.2f}x" + (" *" if q.get("noisy") else "")))
+        lines += ["  " + line for line in _align(table, {0, 1, 3, 5, 6})] + [""]
+
     header = ("backend", "thr", "batch", "median ms", "p10-p90 ms", "ms/img", "img/s", "GFLOP/s",
               "peak RSS", "max rel diff", "vs fastest peer")
     table = [header]
@@ -442,26 +711,11 @@ def format_bench(result: dict) -> str:
                       f"{lat['p10']:.2f}-{lat['p90']:.2f}" + (" *" if _noisy(lat) else ""), f"{r['per_image_ms']:.2f}",
                       f"{r['images_per_s']:.1f}", f"{r['gflops']:.2f}", f"{r['peak_rss_mb']:.0f} MB",
                       diff, vs))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    numeric = set(range(1, 9))
-    for i, row in enumerate(table):
-        lines.append("  ".join(cell.rjust(widths[j]) if j in numeric else cell.ljust(widths[j])
-                               for j, cell in enumerate(row)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * wd for wd in widths))
+    lines += _align(table, set(range(1, 9)))
     if not result["results"]:
         lines.append("(no successful measurement)")
     if any(_noisy(r["latency_ms"]) for r in result["results"]):
         lines.append(f"* noisy: p90 / p10 > {NOISY_SPREAD:g} (other load on the machine?); rerun before trusting it")
-
-    if result["ratios"]:
-        lines += ["", "Ratios of median latency to the fastest peer (lower is better):"]
-        groups = {}
-        for q in result["ratios"]:
-            groups.setdefault((q["threads"], q["batch"]), []).append(
-                f"{q['backend']} / {q['peer']} = {q['ratio']:.2f}x" + (" *" if q.get("noisy") else ""))
-        for (t, b), items in sorted(groups.items()):
-            lines.append(f"  {_thread_label(t)}, batch {b}: " + ", ".join(items))
 
     c = result.get("compile")
     if c:
@@ -479,19 +733,26 @@ def format_bench(result: dict) -> str:
             lines.append(f"  warm-cache target <= {c['target_s']:g} s: "
                          + ("met" if c["warm_meets_target"] else "NOT met"))
 
+    lines += _errors_and_skipped(result)
+    settings = result["settings"]
+    lines += ["", (f"Timings: median of {settings['repeat']} runs in {settings['rounds']} rounds alternating "
+                   f"between the engines, after {settings['warmup']} untimed (+{settings['rewarm']} per "
+                   f"later round; numpy: at most {settings['numpy_max_repeat']} runs), each engine in its own "
+                   f"process; peak RSS per process ({_rss_note(result)}).")]
+    return "\n".join(lines)
+
+
+def _errors_and_skipped(result: dict) -> list:
+    lines = []
     if result["errors"]:
         lines += ["", "Errors:"]
         for e in result["errors"]:
             where = ", ".join(x for x in (e["threads"] and _thread_label(e["threads"]),
-                                          e["batch"] and f"batch {e['batch']}") if x)
+                                          e.get("batch") and f"batch {e['batch']}") if x)
             lines.append(f"  {e['backend']}" + (f" ({where})" if where else "") + f": {e['error']}")
     if result["skipped"]:
         lines += ["", "Skipped: " + ", ".join(f"{s['backend']} ({s['reason']})" for s in result["skipped"])]
-    settings = result["settings"]
-    lines += ["", (f"Timings: median of {settings['repeat']} runs after {settings['warmup']} warm-up "
-                   f"(numpy: at most {settings['numpy_max_repeat']}), each backend in its own process; "
-                   f"peak RSS per process ({_rss_note(result)}).")]
-    return "\n".join(lines)
+    return lines
 
 
 def _noisy(latency: dict) -> bool:
@@ -515,6 +776,126 @@ def write_json(result: dict, path: Union[str, os.PathLike]) -> Path:
 
 
 # ---------------------------------------------------------------------------
+# Per layer: our trace beside OpenVINO's counters
+
+
+def run_layers(model, threads: Union[None, int, Sequence[int]] = None, batch: int = 1, repeat: int = 20,
+               warmup: int = 3, peers: Union[bool, Sequence[str]] = True, progress: bool = True,
+               resolution: Union[int, tuple] = 224, seed: int = 0) -> dict:
+    """Per-layer times of the numba fast path (`mnv2ref.trace`) beside
+    OpenVINO's per-node counters summed per layer, for each thread count,
+    each engine in its own process. `peers`: True (OpenVINO if installed),
+    False, or a list (only "openvino" has per-layer counters here).
+
+    Keys: schema, model, flops_per_image, flops_source, machine, settings,
+    layers (our layer names, then "other"), profiles (one per engine x
+    threads: {"engine", "threads", "layers": {name: ms}, "layers_ms",
+    "end_to_end_ms", "ratio"}), errors, skipped. See `format_layers`."""
+    from .onnx_export import _resolution
+
+    thread_counts = default_threads() if threads is None else _positive_ints(threads, "threads")
+    batch = _positive_ints(batch, "batch")[0]
+    repeat, warmup = _check_count("repeat", repeat, 1), _check_count("warmup", warmup, 0)
+    peer_names, skipped = _peer_list(["openvino"] if peers is True else peers)
+    for peer in [p for p in peer_names if p != "openvino"]:
+        peer_names.remove(peer)
+        skipped.append({"backend": peer, "reason": "no per-layer counters in this bench"})
+    height, width = _resolution(resolution)
+    output = "Predictions" if model.num_classes else "global_pool"
+    flops, flops_source = flops_per_image(model.depth_multiplier, (height, width), model.num_classes)
+    result = {
+        "schema": LAYERS_SCHEMA, "model": _model_info(model, (height, width), output),
+        "flops_per_image": flops, "flops_source": flops_source, "machine": machine_info(),
+        "settings": {"threads": thread_counts, "batch": batch, "repeat": repeat, "warmup": warmup,
+                     "peers": peer_names, "seed": int(seed), "openvino_config": OPENVINO_CONFIG},
+        "layers": model.layer_names + ["other"], "profiles": [], "errors": [], "skipped": skipped,
+    }
+    with tempfile.TemporaryDirectory(prefix="mnv2ref-layers-") as tmp:
+        tmp = Path(tmp)
+        common = _common_job(model, tmp, (height, width), output, seed)
+        _export_for_peers(model, tmp, (height, width), common, peer_names, result["errors"])
+        jobs = [dict(common, mode="layers", backend=engine, threads=t, batch=batch, repeat=repeat, warmup=warmup)
+                for t in thread_counts for engine in ["numba"] + peer_names]
+        bar = _progress_bar(len(jobs), progress)
+        try:
+            for index, job in enumerate(jobs):
+                bar.set_description(f"per layer: {job['backend']} {job['threads']}t")
+                done = _Worker(job, tmp / f"layers_{index}").close(bar)
+                bar.update(1)
+                if "error" in done:
+                    result["errors"].append({"backend": job["backend"], "threads": job["threads"],
+                                             "batch": batch, "error": done["error"]})
+                    continue
+                result["profiles"].append({"engine": job["backend"], "threads": job["threads"],
+                                           **{k: done[k] for k in ("layers", "layers_ms", "end_to_end_ms")},
+                                           "ratio": done["layers_ms"] / done["end_to_end_ms"],
+                                           "versions": done["versions"]})
+        finally:
+            bar.close()
+    return result
+
+
+def layer_prefixes(model) -> list:
+    """[(name prefix, layer)]: which of our layers an ONNX node of
+    `export_onnx` (and so an OpenVINO node) belongs to, by its name."""
+    prefixes = [(spec.scope + "/", spec.endpoint) for spec in model.specs]
+    prefixes += [(f"{SCOPE}/Logits/AvgPool", "global_pool"), (LOGITS_SCOPE + "/", "Logits"),
+                 (f"{SCOPE}/Predictions/", "Predictions")]
+    prefixes += [(name + "/", name) for name in model.layer_names]
+    return prefixes
+
+
+def openvino_layer(node_name: str, prefixes: list) -> str:
+    """Our layer for an OpenVINO profile entry (the longest matching prefix
+    from `layer_prefixes`, or the layer's own endpoint name), else "other"."""
+    matches = [(len(prefix), layer) for prefix, layer in prefixes
+               if node_name.startswith(prefix) or node_name + "/" == prefix]
+    return max(matches)[1] if matches else "other"
+
+
+def format_layers(result: dict) -> str:
+    """The result of `run_layers` as text: one row per layer, one column pair
+    (numba, OpenVINO, their ratio) per thread count, and total lines."""
+    lines = _header(result)
+    profiles = {(p["engine"], p["threads"]): p for p in result["profiles"]}
+    threads = result["settings"]["threads"]
+    engines = ["numba"] + [p for p in result["settings"]["peers"]]
+    header = ["layer"]
+    for t in threads:
+        header += [f"{engine} {t}t" for engine in engines] + (["ratio"] if len(engines) > 1 else [])
+
+    def cells(get):
+        row = []
+        for t in threads:
+            values = [get(profiles[e, t]) if (e, t) in profiles else None for e in engines]
+            row += ["" if v is None else f"{v:.3f}" for v in values]
+            if len(engines) > 1:
+                ok = values[0] is not None and values[1]
+                row.append(f"{values[0] / values[1]:.2f}x" if ok else "")
+        return row
+
+    table = [tuple(header)]
+    for name in result["layers"]:
+        if name == "other" and not any(p["layers"].get("other") for p in result["profiles"]):
+            continue
+        table.append(tuple([name] + cells(lambda p: p["layers"].get(name))))
+    table.append(tuple(["sum of layers"] + cells(lambda p: p["layers_ms"])))
+    table.append(tuple(["end to end"] + cells(lambda p: p["end_to_end_ms"])))
+    ratios = ["sum / end to end"]
+    for t in threads:
+        ratios += ["" if (e, t) not in profiles else f"{profiles[e, t]['ratio']:.2f}" for e in engines]
+        ratios += [""] if len(engines) > 1 else []
+    table.append(tuple(ratios))
+    s = result["settings"]
+    lines.append(f"Per layer, batch {s['batch']}: ms, the mean of {s['repeat']} runs after {s['warmup']} "
+                 "warm-up (numba: mnv2ref.trace, each layer as fast.run runs it, on its real input; "
+                 "openvino: its PERF_COUNT counters summed per layer; each in its own process)")
+    lines += _align(table, set(range(1, len(header))))
+    lines += _errors_and_skipped(result)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
 # The worker (runs in the subprocess)
 
 
@@ -533,18 +914,19 @@ def peak_rss_kb() -> tuple:
     return (peak // 1024 if sys.platform == "darwin" else peak), "ru_maxrss"
 
 
-def _tick(text: str = ".") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def _worker_main(spec_path: str) -> int:
     """Entry point of a worker process: run the job in `spec_path`, write the
-    result JSON (or {"error": ...}) to the job's result_path."""
+    result JSON (or {"error": ...}) to the job's result_path. The protocol
+    (see `_Worker`) has stdout to itself: whatever the engines print on file
+    descriptor 1 goes to stderr."""
     started = time.perf_counter()
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     job = json.loads(Path(spec_path).read_text())
+    modes = {"startup": lambda: _startup(job, started, protocol), "bench": lambda: _serve(job, protocol),
+             "layers": lambda: _layer_profile(job)}
     try:
-        done = _startup(job, started) if job["mode"] == "startup" else _measure(job)
+        done = modes[job["mode"]]()
         code = 0
     except Exception as error:  # noqa: BLE001 - reported to the parent as one line
         import traceback
@@ -553,7 +935,13 @@ def _worker_main(spec_path: str) -> int:
         done = {"error": f"{type(error).__name__}: {error}"}
         code = 1
     Path(job["result_path"]).write_text(json.dumps(done))
+    protocol.close()
     return code
+
+
+def _tick(protocol, text: str = ".") -> None:
+    protocol.write(text + "\n")
+    protocol.flush()
 
 
 def _load(job: dict):
@@ -570,31 +958,31 @@ def _input(job: dict) -> np.ndarray:
     return rng.uniform(-1, 1, (job["batch"], h, w, 3)).astype(np.float32)
 
 
-def _measure(job: dict) -> dict:
+def _serve(job: dict, protocol) -> dict:
+    """A warm worker: load, then time one round per command read from stdin
+    until it closes; then save the last output and report the memory."""
     model = _load(job)
     forward, versions = _runner(job["backend"], model, job)
     x = _input(job)
     rss_loaded, _ = peak_rss_kb()
-    warm, times = [], []
     y = None
-    for _ in range(job["warmup"]):
-        t0 = time.perf_counter()
-        y = forward(x)
-        warm.append(time.perf_counter() - t0)
-        _tick()
-    for _ in range(job["repeat"]):
-        t0 = time.perf_counter()
-        y = forward(x)
-        times.append(time.perf_counter() - t0)
-        _tick()
+    for line in sys.stdin:
+        command = json.loads(line)
+        timings = {"warmup_s": [], "times_s": []}
+        for key, count in (("warmup_s", command["warmup"]), ("times_s", command["repeat"])):
+            for _ in range(count):
+                t0 = time.perf_counter()
+                y = forward(x)
+                timings[key].append(time.perf_counter() - t0)
+                _tick(protocol)
+        _tick(protocol, "round " + json.dumps(timings))
     peak, source = peak_rss_kb()
-    if job.get("output_path") and y is not None:
+    if y is not None:
         np.save(job["output_path"], np.asarray(y, dtype=np.float32).reshape(len(x), -1))
-    return {"times_s": times, "warmup_s": warm, "rss_after_load_kb": rss_loaded, "peak_rss_kb": peak,
-            "rss_source": source, "versions": versions}
+    return {"rss_after_load_kb": rss_loaded, "peak_rss_kb": peak, "rss_source": source, "versions": versions}
 
 
-def _startup(job: dict, started: float) -> dict:
+def _startup(job: dict, started: float, protocol) -> dict:
     """Time import, load, first and second prediction with numba."""
     t0 = time.perf_counter()
     import numba  # noqa: F401 - timed: the imports a user's first prediction pays for
@@ -608,17 +996,65 @@ def _startup(job: dict, started: float) -> dict:
     t2 = time.perf_counter()
     forward(x)
     t3 = time.perf_counter()
-    _tick("first")
+    _tick(protocol, "first")
     forward(x)
     t4 = time.perf_counter()
-    _tick()
+    _tick(protocol)
     return {"phase": job["phase"], "import_s": t1 - started, "load_s": t2 - t1, "first_predict_s": t3 - t2,
             "second_predict_s": t4 - t3, "compile_s_estimate": (t3 - t2) - (t4 - t3),
             "in_process_to_first_s": t3 - started, "before_main_s": t0 - started, "versions": versions}
 
 
+def _layer_profile(job: dict) -> dict:
+    """Per-layer ms (mean over the runs: means add up, see `mnv2ref.trace`),
+    their sum and the end-to-end median, for numba (`trace`) or OpenVINO
+    (PERF_COUNT)."""
+    model = _load(job)
+    x = _input(job)
+    if job["backend"] == "numba":
+        from .trace import trace
+
+        _, versions = _runner("numba", model, job)  # sets the thread count
+        rows = trace(model, x, backend="numba", repeat=job["repeat"], warmup=job["warmup"])
+        return {"layers": {row.name: row.ms for row in rows}, "layers_ms": rows.layers_ms,
+                "end_to_end_ms": rows.end_to_end_ms, "versions": versions}
+    request, port, versions = _openvino_request(job, perf_count=True)
+    prefixes = layer_prefixes(model)
+    for _ in range(job["warmup"]):
+        request.infer({INPUT_NAME: x})
+    per_layer, passes = {}, []
+    for _ in range(job["repeat"]):
+        t0 = time.perf_counter()
+        request.infer({INPUT_NAME: x})
+        passes.append((time.perf_counter() - t0) * 1e3)
+        sums = {}
+        for node in request.get_profiling_info():
+            layer = openvino_layer(node.node_name, prefixes)
+            sums[layer] = sums.get(layer, 0.0) + node.real_time.total_seconds() * 1e3
+        for layer, ms in sums.items():
+            per_layer.setdefault(layer, []).append(ms)
+    layers = {layer: float(np.mean(ms)) for layer, ms in per_layer.items()}
+    return {"layers": layers, "layers_ms": sum(layers.values()), "end_to_end_ms": float(np.median(passes)),
+            "versions": versions}
+
+
+def _openvino_request(job: dict, perf_count: bool = False) -> tuple:
+    """(infer request, output port, versions): the ONNX graph reshaped to the
+    batch and compiled with OPENVINO_CONFIG on the job's threads."""
+    import openvino
+
+    core = openvino.Core()
+    network = core.read_model(job["onnx"])
+    network.reshape({INPUT_NAME: [job["batch"], *job["resolution"], 3]})
+    config = dict(OPENVINO_CONFIG, INFERENCE_NUM_THREADS=job["threads"])
+    if perf_count:
+        config["PERF_COUNT"] = True
+    compiled = core.compile_model(network, "CPU", config)
+    return compiled.create_infer_request(), compiled.output(job["output"]), {"openvino": openvino.__version__}
+
+
 def _runner(backend: str, model, job: dict) -> tuple:
-    """(forward(x) -> output array, {package: version}) for one backend."""
+    """(forward(x) -> output array, {package: version}) for one engine."""
     threads = job["threads"]
     output = job["output"]
     if backend in BACKENDS:
@@ -637,8 +1073,24 @@ def _runner(backend: str, model, job: dict) -> tuple:
 
         from .onnx_export import onnx_session
 
-        session = onnx_session(job["onnx"], threads=threads)
-        return (lambda x: session.run([output], {"input": x})[0]), {"onnxruntime": onnxruntime.__version__}
+        session = onnx_session(job["onnx"], threads=threads, spinning=False)
+        return (lambda x: session.run([output], {INPUT_NAME: x})[0]), {"onnxruntime": onnxruntime.__version__}
+    if backend == "openvino":
+        request, port, versions = _openvino_request(job)
+        return (lambda x: request.infer({INPUT_NAME: x})[port]), versions
+    if backend == "litert":
+        interpreter = _litert_interpreter()(model_path=job["tflite"], num_threads=threads)
+        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+        interpreter.resize_tensor_input(inp["index"], [job["batch"], *job["resolution"], 3])
+        interpreter.allocate_tensors()
+
+        def forward(x):
+            interpreter.set_tensor(inp["index"], x)
+            interpreter.invoke()
+            return interpreter.get_tensor(out["index"])
+
+        module = type(interpreter).__module__.split(".")[0]
+        return forward, {module: metadata.version(module.replace("_", "-"))}
     if backend == "tensorflow":
         ops = _TFOps(threads)
         forward = ops.compile(_Plan(model, ops))

@@ -53,7 +53,11 @@ graph; the ``tf.compat.v1.train.Saver`` checkpoints of TF-slim do not.
 Every malformed input raises :class:`~mnv2ref.errors.CheckpointError` (or its
 subclass :class:`~mnv2ref.errors.ChecksumError`) naming the file and saying
 what was expected and what was found: nothing is trusted before it is checked,
-and sizes are checked against the file *before* memory is allocated.
+and sizes are checked against the file *before* memory is allocated: the
+index (at most 16 MB and 100,000 entries), each tensor against its shard, no
+two tensors sharing bytes, and all together against what a MobileNetV2
+training checkpoint can need (``MAX_CHECKPOINT_BYTES``).  Special files (a
+FIFO, a device) are refused before they are opened.
 
 Typical use::
 
@@ -80,7 +84,10 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
+from .architecture import MAX_MODEL_VALUES
 from .errors import CheckpointError, ChecksumError
+from .files import check_regular_file, os_error
+from .text import printable
 
 __all__ = [
     "BlockHandle",
@@ -243,10 +250,67 @@ class _Cursor:
 # Snappy (block compression type 1)
 # ---------------------------------------------------------------------------
 
-_SNAPPY_MAX_LENGTH = 0xFFFFFFFF  # the preamble is a 32-bit length
+_SNAPPY_MAX_RATIO = 22  # a 3-byte copy element yields at most 64 bytes
+# What the decoding kernel can report (with the input position and a detail).
+_SNAPPY_OK, _SNAPPY_TRUNCATED, _SNAPPY_BAD_OFFSET, _SNAPPY_TOO_LONG = 0, 1, 2, 3
 
 
-def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
+@njit(cache=True)
+def _little_endian(data, pos, count):  # pragma: no cover - compiled by Numba
+    value = 0
+    for k in range(count):
+        value |= np.int64(data[pos + k]) << (8 * k)
+    return value
+
+
+@njit(cache=True)
+def _snappy_kernel(data, pos, out):  # pragma: no cover - compiled by Numba
+    """Decode the elements of ``data[pos:]`` into ``out`` (its announced length).
+
+    Returns ``(status, pos, produced, detail)``: on ``_SNAPPY_TRUNCATED`` the
+    bytes needed at ``pos``, on ``_SNAPPY_BAD_OFFSET`` the offset."""
+    n, o, expected = data.shape[0], 0, out.shape[0]
+    while pos < n:
+        tag = np.int64(data[pos])
+        pos += 1
+        kind = tag & 3
+        if kind == 0:
+            length = tag >> 2
+            if length >= 60:
+                extra = length - 59
+                if extra > n - pos:
+                    return _SNAPPY_TRUNCATED, pos, o, extra
+                length = _little_endian(data, pos, extra)
+                pos += extra
+            length += 1
+            if length > n - pos:
+                return _SNAPPY_TRUNCATED, pos, o, length
+            if length > expected - o:
+                return _SNAPPY_TOO_LONG, pos, o, 0
+            out[o : o + length] = data[pos : pos + length]
+            pos += length
+        else:
+            extra = 1 if kind == 1 else (2 if kind == 2 else 4)
+            if extra > n - pos:
+                return _SNAPPY_TRUNCATED, pos, o, extra
+            if kind == 1:
+                length = 4 + ((tag >> 2) & 7)
+                offset = ((tag >> 5) << 8) | np.int64(data[pos])
+            else:
+                length = (tag >> 2) + 1
+                offset = _little_endian(data, pos, extra)
+            pos += extra
+            if offset == 0 or offset > o:
+                return _SNAPPY_BAD_OFFSET, pos, o, offset
+            if length > expected - o:
+                return _SNAPPY_TOO_LONG, pos, o, 0
+            for k in range(length):  # byte by byte: an overlapping copy repeats its pattern
+                out[o + k] = out[o - offset + k]
+        o += length
+    return _SNAPPY_OK, pos, o, 0
+
+
+def snappy_decompress(data: bytes, what: str = "snappy block", max_length: int | None = None) -> bytes:
     """Decompress one raw Snappy block (no framing format).
 
     The block starts with the uncompressed length as a varint, then a
@@ -265,41 +329,35 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
     A copy repeats ``length`` bytes starting ``offset`` bytes back in the
     output; it may overlap what it writes (offset 1, length 5 repeats the
     last byte five times), which is run-length encoding for free.
+
+    The work is bounded by the input: the announced length is checked
+    against the most ``len(data)`` bytes can expand to (a 3-byte copy makes
+    at most 64 bytes) before anything is allocated, and every element
+    consumes at least one input byte.  ``max_length``, if given, caps the
+    announced length too.  The loop over elements is compiled with Numba: a
+    block of a million one-byte copies is legal, and takes seconds in Python.
     """
     cursor = _Cursor(data, what)
     expected = cursor.varint()
-    if expected > _SNAPPY_MAX_LENGTH:
-        raise CheckpointError(f"{what}: uncompressed length {expected} exceeds 2**32 - 1")
-    out = bytearray()
-    while not cursor.at_end():
-        tag = cursor.uint_le(1)
-        kind = tag & 3
-        if kind == 0:
-            length = tag >> 2
-            if length >= 60:
-                length = cursor.uint_le(length - 59)
-            chunk = cursor.take(length + 1)
-        else:
-            if kind == 1:
-                length = 4 + ((tag >> 2) & 7)
-                offset = ((tag >> 5) << 8) | cursor.uint_le(1)
-            else:
-                length = (tag >> 2) + 1
-                offset = cursor.uint_le(2 if kind == 2 else 4)
-            if not 0 < offset <= len(out):
-                raise CheckpointError(
-                    f"{what}: copy offset {offset} at byte {cursor.pos} points outside "
-                    f"the {len(out)} bytes decoded so far"
-                )
-            # Repeating the last `offset` bytes is exactly an overlapping copy.
-            window = bytes(out[-offset:])
-            chunk = (window * (length // offset + 1))[:length]
-        if len(out) + len(chunk) > expected:
-            raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
-        out += chunk
-    if len(out) != expected:
-        raise CheckpointError(f"{what}: decoded {len(out)} bytes, announced {expected}")
-    return bytes(out)
+    if expected > _SNAPPY_MAX_RATIO * len(data):
+        raise CheckpointError(
+            f"{what}: uncompressed length {expected} is more than {len(data)} compressed "
+            f"bytes can encode (at most {_SNAPPY_MAX_RATIO}x)"
+        )
+    if max_length is not None and expected > max_length:
+        raise CheckpointError(f"{what}: uncompressed length {expected} is more than the {max_length} allowed")
+    out = np.empty(expected, dtype=np.uint8)
+    status, pos, produced, detail = _snappy_kernel(np.frombuffer(data, dtype=np.uint8), cursor.pos, out)
+    if status == _SNAPPY_TRUNCATED:
+        raise CheckpointError(f"{what}: {detail} bytes expected at byte {pos}, only {len(data) - pos} remain")
+    if status == _SNAPPY_BAD_OFFSET:
+        raise CheckpointError(f"{what}: copy offset {detail} at byte {pos} points outside "
+                              f"the {produced} bytes decoded so far")
+    if status == _SNAPPY_TOO_LONG:
+        raise CheckpointError(f"{what}: decodes to more than the announced {expected} bytes")
+    if produced != expected:
+        raise CheckpointError(f"{what}: decoded {produced} bytes, announced {expected}")
+    return out.tobytes()
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +365,10 @@ def snappy_decompress(data: bytes, what: str = "snappy block") -> bytes:
 # ---------------------------------------------------------------------------
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
+# A MobileNetV2 training checkpoint's index is about 20-100 KB for some 1,100
+# tensors; these bounds leave a wide margin and keep a hostile index cheap.
+_MAX_INDEX_BYTES = 16 << 20
+_MAX_TABLE_ENTRIES = 100_000
 _FOOTER_SIZE = 48  # two handles of up to 2 * 10 varint bytes, zero padding, 8-byte magic
 _HANDLES_SIZE = 40
 _BLOCK_TRAILER_SIZE = 5  # compression type (1 byte) + masked CRC32C (4 bytes)
@@ -354,8 +416,9 @@ def _describe_block(path: Path, handle: BlockHandle, role: str) -> str:
     return f"'{path}': index block at offset {handle.offset} ({role}, {handle.size} bytes)"
 
 
-def _read_block(data: bytes, handle: BlockHandle, what: str) -> bytes:
-    """Check a block's bounds and CRC, and return its (decompressed) contents."""
+def _read_block(data: bytes, handle: BlockHandle, what: str, max_length: int) -> bytes:
+    """Check a block's bounds and CRC, and return its (decompressed) contents,
+    refusing a Snappy block that would decompress to more than ``max_length``."""
     blocks_end = len(data) - _FOOTER_SIZE
     end = handle.offset + handle.size
     if end + _BLOCK_TRAILER_SIZE > blocks_end:
@@ -373,17 +436,21 @@ def _read_block(data: bytes, handle: BlockHandle, what: str) -> bytes:
     compression = data[end]
     contents = data[handle.offset : end]
     if compression == _NO_COMPRESSION:
+        if len(contents) > max_length:  # e.g. the same block listed over and over
+            raise CheckpointError(f"{what}: the index's blocks hold more than {_MAX_INDEX_BYTES} bytes")
         return contents
     if compression == _SNAPPY_COMPRESSION:
-        return snappy_decompress(contents, what)
+        return snappy_decompress(contents, what, max_length)
     raise CheckpointError(
         f"{what}: unsupported block compression type {compression} "
         f"(expected {_NO_COMPRESSION} = none or {_SNAPPY_COMPRESSION} = snappy)"
     )
 
 
-def _parse_block(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
-    """Decode a block's prefix-compressed entries, checking its restart array."""
+def _parse_block(block: bytes, what: str,
+                 max_entries: int = _MAX_TABLE_ENTRIES) -> list[tuple[bytes, bytes]]:
+    """Decode a block's prefix-compressed entries, checking its restart array;
+    more than ``max_entries`` entries are refused."""
     if len(block) < 4:
         raise CheckpointError(f"{what}: {len(block)} bytes, too short for a restart count")
     num_restarts = int.from_bytes(block[-4:], "little")
@@ -413,6 +480,8 @@ def _parse_block(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
             whole_key_starts.add(start)
         key = key[:shared] + cursor.take(non_shared)
         entries.append((key, cursor.take(value_length)))
+        if len(entries) > max_entries:
+            raise CheckpointError(f"{what}: more than {_MAX_TABLE_ENTRIES:,} entries in the index")
 
     # Restart points must be entries whose key is stored whole: that is what
     # makes binary search over them possible.
@@ -433,14 +502,23 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
     is corrupted.
     """
     path = Path(path)
+    size = check_regular_file(path, "checkpoint index").st_size
+    if size > _MAX_INDEX_BYTES:
+        raise CheckpointError(
+            f"'{printable(path)}': {size:,} bytes is too large for a checkpoint index "
+            f"(at most {_MAX_INDEX_BYTES:,}; a MobileNetV2's is about 20 KB)"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint index '{path}': {exc}") from exc
+        raise os_error(exc, path, "read checkpoint index") from None
 
     _metaindex, index_handle = _parse_footer(data, path)  # TensorFlow's metaindex is empty
     index_what = _describe_block(path, index_handle, "table index block")
-    index_block = _read_block(data, index_handle, index_what)
+    # Decompressed, the blocks together may hold no more than an index file may.
+    budget = _MAX_INDEX_BYTES
+    index_block = _read_block(data, index_handle, index_what, budget)
+    budget -= len(index_block)
     pairs: list[tuple[bytes, bytes]] = []
     for _separator, handle_bytes in _parse_block(index_block, index_what):
         handle_cursor = _Cursor(handle_bytes, f"{index_what}: block handle")
@@ -448,7 +526,9 @@ def read_table(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
         if not handle_cursor.at_end():
             raise CheckpointError(f"{index_what}: block handle has trailing bytes")
         block_what = _describe_block(path, handle, "data block")
-        pairs.extend(_parse_block(_read_block(data, handle, block_what), block_what))
+        block = _read_block(data, handle, block_what, budget)
+        budget -= len(block)
+        pairs.extend(_parse_block(block, block_what, _MAX_TABLE_ENTRIES - len(pairs)))
 
     # Sorted, unique keys are the table's defining property; a table that
     # breaks it is corrupt, and duplicate names would silently shadow each other.
@@ -762,7 +842,7 @@ def _read_tensor(entry: TensorEntry, data_file: Path, verify: bool) -> np.ndarra
             f.seek(entry.offset)
             got = f.readinto(raw)
     except OSError as exc:
-        raise CheckpointError(f"cannot read {where}: {exc}") from exc
+        raise os_error(exc, data_file, f"read tensor '{printable(entry.name)}' from") from None
     if got != entry.size:
         raise CheckpointError(f"{where}: read only {got} bytes, the data file is truncated")
     if verify:
@@ -799,14 +879,38 @@ def _shard_sizes(prefix: Path, header: BundleHeader, index_file: Path) -> list[i
     sizes = []
     for shard in range(header.num_shards):
         path = _data_file(prefix, shard, header.num_shards)
-        try:
-            sizes.append(path.stat().st_size)
-        except OSError as exc:
+        if not path.exists():
             raise CheckpointError(
-                f"checkpoint '{prefix}': missing data shard '{path}' "
-                f"(shard {shard} of {header.num_shards}): {exc.strerror}"
-            ) from None
+                f"checkpoint '{printable(prefix)}': missing data shard '{printable(path)}' "
+                f"(shard {shard} of {header.num_shards})"
+            )
+        sizes.append(check_regular_file(path, "checkpoint data shard").st_size)
     return sizes
+
+
+# A training checkpoint holds each variable up to four times (value, moving
+# average, two optimizer slots), in float32: 16 bytes per value of the
+# largest network mnv2ref loads, about 197 MB.
+MAX_CHECKPOINT_BYTES = 16 * MAX_MODEL_VALUES
+
+
+def _check_layout(entries: dict[str, TensorEntry], index_file: Path) -> None:
+    """Refuse entries whose bytes overlap (a tiny index can point thousands
+    of tensors at one block and cost gigabytes to read) and a total larger
+    than ``MAX_CHECKPOINT_BYTES``, before any tensor is read."""
+    total = sum(entry.size for entry in entries.values())
+    if total > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(
+            f"'{printable(index_file)}': its tensors declare {total:,} bytes, more than the "
+            f"{MAX_CHECKPOINT_BYTES:,} a MobileNetV2 checkpoint can need"
+        )
+    spans = sorted((e.shard_id, e.offset, e.offset + e.size, e.name) for e in entries.values() if e.size)
+    for (shard, _, end, name), (next_shard, start, _, next_name) in zip(spans, spans[1:]):
+        if shard == next_shard and start < end:
+            raise CheckpointError(
+                f"'{printable(index_file)}': tensors '{printable(name)}' and '{printable(next_name)}' "
+                f"share bytes {start}-{end} of shard {shard}: each tensor must have bytes of its own"
+            )
 
 
 def read_checkpoint(prefix: str | os.PathLike, verify: bool = True) -> Checkpoint:
@@ -822,7 +926,7 @@ def read_checkpoint(prefix: str | os.PathLike, verify: bool = True) -> Checkpoin
     """
     prefix = _resolve_prefix(prefix)
     index_file = Path(f"{prefix}.index")
-    if not index_file.is_file():
+    if not index_file.exists():
         parent = index_file.parent
         nearby = sorted(p.name for p in parent.glob(f"{prefix.name}*")) if parent.is_dir() else []
         raise CheckpointError(
@@ -858,4 +962,5 @@ def read_checkpoint(prefix: str | os.PathLike, verify: bool = True) -> Checkpoin
                 f"of '{data_file}' ({shard_sizes[entry.shard_id]} bytes): the data file is truncated"
             )
         entries[name] = entry
+    _check_layout(entries, index_file)
     return Checkpoint(prefix, header, entries, verify=verify)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, Mnv2refError, WeightsError
+from .text import printable
 
 
 def _load_model(args):
@@ -48,7 +52,7 @@ def _demo_model(args):
     except FetchError as error:
         if getattr(args, "weights", None):
             raise
-        print(f"mnv2ref: {error}", file=sys.stderr)
+        print(f"mnv2ref: {printable(error)}", file=sys.stderr)
         return MobileNetV2.random()
 
 
@@ -58,20 +62,28 @@ def _load_batch(paths, size):
     return np.stack([preprocess(load_image(p), size=size) for p in paths])
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+def _image_suffixes() -> set:
+    """The file extensions of the formats load_image reads (.jpg, .png, ...)."""
+    from PIL import Image
+
+    from .preprocessing import ACCEPTED_FORMATS
+
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS}
 
 
 def _expand_images(paths) -> list:
     """The image files named, with each directory replaced by the image files
     below it (by extension, sorted)."""
+    suffixes = _image_suffixes()
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
         else:
             files.append(path)
     if not files:
-        raise InputError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+        raise InputError(f"no image files ({', '.join(sorted(suffixes))}) in "
+                         f"{', '.join(printable(p) for p in paths)}")
     return files
 
 
@@ -92,7 +104,7 @@ def _image_batches(paths, size, batch_size, skipped):
                 arrays.append(preprocess(load_image(path), size=size))
                 names.append(path)
             except ImageError as error:
-                tqdm.write(f"mnv2ref: warning: skipping {error}", file=sys.stderr)
+                tqdm.write(f"mnv2ref: warning: skipping {printable(error)}", file=sys.stderr)
                 skipped.append(path)
             bar.update()
             if len(arrays) == batch_size:
@@ -110,18 +122,45 @@ def _report_skipped(skipped, total) -> int:
 
 
 def cmd_convert(args):
+    from .files import check_regular_file
+    from .keras import convert_keras, is_keras_h5
     from .weights import convert
 
-    print(convert(args.prefix, args.out, use_ema=not args.raw))
+    if Path(args.prefix).suffix.lower() not in (".h5", ".hdf5"):
+        print(printable(convert(args.prefix, args.out, use_ema=not args.raw)))
+        return
+    check_regular_file(args.prefix, "weights file")
+    if is_keras_h5(args.prefix):
+        print(printable(convert_keras(args.prefix, args.out, use_ema=not args.raw)))
+    else:
+        raise InputError(f"{args.prefix} is not a Keras weights file (no root attribute layer_names): "
+                         "convert takes a TF checkpoint prefix or a Keras Applications .h5")
+
+
+def cmd_golden(args):
+    from .files import check_not_overwriting
+    from .golden import write_golden
+
+    images = _expand_images(args.images)
+    if args.output != "-":
+        check_not_overwriting(args.output, images)
+    model = _load_model(args)
+    out = sys.stdout.buffer if args.output == "-" else args.output
+    write_golden(model, images, out, layout=args.layout, dtype=args.dtype,
+                 size=args.size)
+    if args.output != "-":
+        print(printable(args.output))
 
 
 def cmd_info(args):
     from .model import MobileNetV2
     from .weights import read_h5
 
+    from .keras import is_keras_h5, read_keras_h5
+
     path = Path(args.weights)
     if path.suffix.lower() in (".h5", ".hdf5"):
-        variables, attributes = read_h5(path)
+        variables, attributes = (read_keras_h5 if is_keras_h5(path) else read_h5)(path)
     else:
         from .checkpoint import read_checkpoint
 
@@ -135,11 +174,11 @@ def cmd_info(args):
                                         for n, v in variables.items()}}, indent=1, default=str))
         return
     for key, value in attributes.items():
-        print(f"# {key}: {value}")
+        print(f"# {printable(key)}: {printable(value)}")
     total = 0
     for name, value in variables.items():
         total += int(np.prod(value.shape))
-        print(f"{name}\t{tuple(value.shape)}\t{value.dtype}")
+        print(f"{printable(name)}\t{tuple(value.shape)}\t{value.dtype}")
     print(f"# {len(variables)} tensors, {total:,} values")
     if path.suffix.lower() in (".h5", ".hdf5"):
         model = MobileNetV2(variables, attributes, str(path))
@@ -157,35 +196,44 @@ def cmd_classify(args):
     for names, batch in _image_batches(paths, args.size, args.batch_size, skipped):
         for path, probs in zip(names, model.predict(batch, backend=args.backend)):
             top = np.argsort(probs)[::-1][:args.top]
-            print("\t".join([str(path)] + [f"{i}:{label(i, model.num_classes)}:{probs[i]:.4f}"
-                                           for i in top]), flush=True)
+            print("\t".join([printable(path)] + [f"{i}:{label(i, model.num_classes)}:{probs[i]:.4f}"
+                                                 for i in top]), flush=True)
     return _report_skipped(skipped, len(paths))
 
 
 def cmd_embed(args):
-    from .files import atomic_write
+    from .files import atomic_write, check_not_overwriting
 
-    model = _load_model(args)
+    to_stdout = args.output == "-"
     paths, skipped, names, features = _expand_images(args.images), [], [], []
+    if not to_stdout:
+        check_not_overwriting(args.output, paths)
+    model = _load_model(args)
     for batch_names, batch in _image_batches(paths, args.size, args.batch_size, skipped):
         features.append(model.embed(batch, backend=args.backend))
         names += batch_names
     if not features:
         raise InputError(f"none of the {len(paths)} images could be read; nothing written")
     features = np.concatenate(features)
-    with atomic_write(args.output, suffix=".npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, features)
+    if to_stdout:  # the .npy bytes on stdout, so the listing goes to stderr
+        np.save(sys.stdout.buffer, features)
+        sys.stdout.buffer.flush()
+    else:
+        with atomic_write(args.output, suffix=".npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, features)
+    listing = sys.stderr if to_stdout else sys.stdout
     for name in names:
-        print(name)
-    print(f"mnv2ref: wrote {args.output}, shape {features.shape}: row i is line i above",
-          file=sys.stderr)
+        print(printable(name), file=listing)
+    where = "standard output" if to_stdout else printable(args.output)
+    print(f"mnv2ref: wrote {where}, shape {features.shape}: row i is line i "
+          f"{'above' if not to_stdout else 'of this listing'}", file=sys.stderr)
     return _report_skipped(skipped, len(paths))
 
 
 def cmd_fetch(args):
     from .fetch import fetch
 
-    print(fetch(args.depth_multiplier, args.resolution, out_dir=args.out, url=args.url))
+    print(printable(fetch(args.depth_multiplier, args.resolution, out_dir=args.out, url=args.url)))
 
 
 def cmd_demo(args):
@@ -200,9 +248,8 @@ def cmd_demo(args):
     if random_weights:
         print(RANDOM_WEIGHTS_BANNER)
     print(f"MobileNetV2 {model.depth_multiplier}, {model.num_classes or 'no'} classes, "
-          f"weights {model.source}")
-    print(f"image {Path(image).name} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
-    model.endpoints(x, backend=args.backend)  # warm-up: load or compile kernels, touch memory
+          f"weights {printable(model.source)}")
+    print(f"image {printable(Path(image).name)} -> input {x.shape} {x.dtype}, backend {args.backend}\n")
     rows = trace(model, x, backend=args.backend)
     print(format_trace(rows))
     print(f"\ntotal {sum(r.ms for r in rows):.1f} ms, {rows[-1].cumulative_flops / 1e9:.3f} GFLOPs")
@@ -237,10 +284,13 @@ def cmd_trace(args):
 
     model = _load_model(args)
     x = preprocess(load_image(args.image), size=args.size)[None]
-    rows = trace(model, x, backend=args.backend)
+    if args.threads:
+        from .fast import set_num_threads
+
+        set_num_threads(args.threads)
+    rows = trace(model, x, backend=args.backend, repeat=args.repeat)
     if args.json:
-        print(json.dumps({"image": str(args.image), "weights": model.source, "backend": args.backend,
-                          "layers": [row.to_dict() for row in rows]}, indent=1))
+        print(json.dumps({"image": str(args.image), "weights": model.source, **rows.to_dict()}, indent=1))
     else:
         print(format_trace(rows))
 
@@ -249,54 +299,68 @@ def cmd_plot_cost(args):
     from .accounting import cost
     from .plots import plot_cost
 
-    print(plot_cost(cost(args.depth_multiplier, args.resolution, args.num_classes), args.out))
+    print(printable(plot_cost(cost(args.depth_multiplier, args.resolution, args.num_classes), args.out)))
 
 
 def cmd_plot_activations(args):
-    from .plots import plot_feature_maps
+    from .files import check_not_overwriting
+    from .plots import figure_format, plot_feature_maps
 
+    check_not_overwriting(args.out, [args.image])
+    figure_format(args.out)  # before the network runs
     model = _load_model(args)
     x = _load_batch([args.image], args.size)
     activation = model.endpoints(x, backend=args.backend, until=args.layer.split("/")[0])
     if args.layer not in activation:
         raise InputError(f"no endpoint named {args.layer!r}; try one of {', '.join(activation)}")
-    print(plot_feature_maps(activation[args.layer], args.out,
-                            title=f"{args.layer} of {Path(args.image).name}, {activation[args.layer].shape}"))
+    print(printable(plot_feature_maps(activation[args.layer], args.out, title=f"{args.layer} of "
+                                      f"{printable(Path(args.image).name)}, {activation[args.layer].shape}")))
 
 
 def cmd_bench(args):
-    from .bench import format_bench, run_bench, write_json
+    from .bench import format_bench, format_layers, run_bench, run_layers, write_json
 
     model = _load_model(args)
-    result = run_bench(model, batches=args.batch, repeat=args.repeat, warmup=args.warmup,
-                       threads=args.threads, backends=args.backends,
-                       peers=False if args.no_peers else (args.peers or True),
-                       progress=not args.quiet, resolution=args.size,
-                       compile_time=False if args.no_compile_time else None)
-    print(format_bench(result))
+    peers = False if args.no_peers else (args.peers or True)
+    if args.layers:
+        result = run_layers(model, threads=args.threads, batch=args.batch[0], repeat=args.repeat,
+                            warmup=args.warmup, peers=peers, progress=not args.quiet, resolution=args.size)
+        print(format_layers(result))
+    else:
+        result = run_bench(model, batches=args.batch, repeat=args.repeat, warmup=args.warmup,
+                           threads=args.threads, backends=args.backends, peers=peers,
+                           progress=not args.quiet, resolution=args.size, rounds=args.rounds,
+                           tflite=args.tflite, compile_time=False if args.no_compile_time else None)
+        print(format_bench(result))
     if args.json:
         write_json(result, args.json)
-        print(f"mnv2ref: wrote {args.json}", file=sys.stderr)
+        print(f"mnv2ref: wrote {printable(args.json)}", file=sys.stderr)
 
 
 def cmd_export_onnx(args):
+    from .files import check_not_overwriting
     from .onnx_export import export_onnx
+    from .resources import find_weights
 
+    check_not_overwriting(args.out, [find_weights(args.weights)])
     model = _load_model(args)
-    print(export_onnx(model, args.out, opset=args.opset, resolution=args.size, endpoints=args.endpoints))
+    print(printable(export_onnx(model, args.out, opset=args.opset, resolution=args.size,
+                                endpoints=args.endpoints)))
 
 
 def cmd_verify(args):
     """Exit 0 = within tolerance, 1 = diverges, 2 = could not run."""
     try:
         from .verify import verify
+        from .verify.interface import parse
 
         report = verify(args.model, images=args.image, weights=args.weights, tolerance=args.tolerance,
-                        threads=args.threads, use_ema=not args.raw)
+                        threads=args.threads, use_ema=not args.raw,
+                        interface=parse(args.interface) if args.interface else None)
         # With --json - the JSON alone is stdout; the table goes to stderr.
         print(report.format(), file=sys.stderr if args.json == "-" else sys.stdout)
         if args.json:
-            _write_json_report(report.to_json(), args.json)
+            report.write_json(args.json)
     except BrokenPipeError:
         raise  # the reader went away: not an error (see run())
     except (Mnv2refError, OSError) as error:
@@ -305,26 +369,59 @@ def cmd_verify(args):
     return report.exit_code
 
 
-def _write_json_report(text: str, path: str) -> None:
-    if path == "-":
-        sys.stdout.write(text)
-        return
-    from .files import atomic_write
-
-    with atomic_write(path, suffix=".json") as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    print(f"mnv2ref: wrote {path}", file=sys.stderr)
-
-
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {printable(text)!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def at_most(limit: int):
+    """An argparse type: a positive integer up to `limit`."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {text}")
+        return value
+    return parse
+
+
+def depth_multiplier(text: str) -> float:
+    """An argparse type: a finite depth multiplier in (0, MAX_DEPTH_MULTIPLIER]."""
+    from .architecture import MAX_DEPTH_MULTIPLIER
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_DEPTH_MULTIPLIER:  # also refuses NaN and inf
+        raise argparse.ArgumentTypeError(
+            f"must be a number in (0, {MAX_DEPTH_MULTIPLIER:g}], got {printable(text)!r}")
+    return value
+
+
+MAX_BATCH_SIZE = 1024  # images held in memory at once
+
+
+def resolution(text: str) -> int:
+    """An argparse type: an input resolution in [1, preprocessing.MAX_SIZE]."""
+    from .preprocessing import MAX_SIZE
+
+    return at_most(MAX_SIZE)(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (exit status 2, as argparse's)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnv2ref", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mnv2ref", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mnv2ref {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -339,18 +436,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
                        "instead of their ExponentialMovingAverage")
         p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
-        p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
-        p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+        p.add_argument("--size", type=resolution, default=224, help="input resolution (default 224)")
+        p.add_argument("--batch-size", type=at_most(MAX_BATCH_SIZE), default=16,
+                       help=f"images per batch (default 16, at most {MAX_BATCH_SIZE})")
         return p
 
     p = command("demo", cmd_demo, "run an example image through the network, layer by layer")
     with_weights(p)
     p.add_argument("image", nargs="?", help="an image (default: a bundled photo of a cat)")
 
-    p = command("convert", cmd_convert, "convert a TF-slim checkpoint to HDF5")
-    p.add_argument("prefix", help="checkpoint prefix (PREFIX.index + PREFIX.data-*)")
+    p = command("convert", cmd_convert, "convert a TF-slim checkpoint or a Keras Applications "
+                "weights file to HDF5")
+    p.add_argument("prefix", help="checkpoint prefix (PREFIX.index + PREFIX.data-*) or a Keras .h5")
     p.add_argument("out", help="output .h5 file")
     p.add_argument("--raw", action="store_true", help="raw variables instead of their moving averages")
+
+    p = command("golden", cmd_golden, "write the input and every endpoint of the reference on "
+                "images to a golden .npz or .h5, for other implementations' tests")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
+    p.add_argument("-o", "--output", required=True, help="output .npz or .h5 (- for an .npz on stdout)")
+    p.add_argument("--layout", choices=("NHWC", "NCHW"), default="NHWC", help="of 4-d arrays (default NHWC)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="precision of the computation and the arrays (default float32)")
+    p.add_argument("--weights", "-w", help="an .h5 from `convert`, a Keras .h5 or a TF checkpoint prefix "
+                   "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
+    p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
+                   "instead of their ExponentialMovingAverage")
+    p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
 
     p = command("info", cmd_info, "list the variables, shapes and metadata of weights")
     p.add_argument("weights", help="an .h5 file or a TF checkpoint prefix")
@@ -362,17 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_weights(command("embed", cmd_embed, "write the global-pool embeddings of images to .npy"))
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("-o", "--output", required=True, help="output .npy, shape (images, 1280)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .npy, shape (images, 1280); - for standard output")
 
     p = command("fetch", cmd_fetch, "download a published checkpoint and convert it into weights/")
-    p.add_argument("--depth-multiplier", "-d", type=float, default=1.0)
-    p.add_argument("--resolution", "-r", type=positive_int, default=224)
+    p.add_argument("--depth-multiplier", "-d", type=depth_multiplier, default=1.0)
+    p.add_argument("--resolution", "-r", type=resolution, default=224)
     p.add_argument("--out", default="weights", help="output folder (default weights/)")
     p.add_argument("--url", help="download from this URL instead of the model zoo")
 
     def with_config(p):
-        p.add_argument("--depth-multiplier", "-d", type=float, default=1.0)
-        p.add_argument("--resolution", "-r", type=positive_int, default=224)
+        p.add_argument("--depth-multiplier", "-d", type=depth_multiplier, default=1.0)
+        p.add_argument("--resolution", "-r", type=resolution, default=224)
         p.add_argument("--num-classes", type=int, default=1001, help="0 for the backbone alone")
         return p
 
@@ -381,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_weights(command("trace", cmd_trace, "per-layer activation statistics, time and FLOPs for an image"))
     p.add_argument("image")
+    p.add_argument("--repeat", type=positive_int, help="timed passes (default: 20 numba, 3 numpy)")
+    p.add_argument("--threads", type=positive_int, help="numba threads (default: NUMBA_NUM_THREADS)")
     p.add_argument("--json", action="store_true")
 
     p = with_config(command("plot-cost", cmd_plot_cost, "bar chart of FLOPs and parameters per layer"))
@@ -391,13 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("layer", help="an endpoint, e.g. layer_3 or layer_3/expansion_output")
     p.add_argument("out", help="output image (.png, .svg, .pdf)")
 
-    p = command("bench", cmd_bench, "time the backends against onnxruntime (and TensorFlow / PyTorch "
-                "if installed), each in its own process")
+    p = command("bench", cmd_bench, "time the backends against ONNX Runtime, OpenVINO and LiteRT "
+                "(and TensorFlow / PyTorch if installed), each in its own process")
     p.add_argument("--weights", "-w", help="an .h5 from `convert` or a TF checkpoint prefix "
                    "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
     p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
                    "instead of their ExponentialMovingAverage")
-    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8], metavar="N",
+    p.add_argument("--batch", type=at_most(MAX_BATCH_SIZE), nargs="+", default=[1, 8], metavar="N",
                    help="batch sizes (default: 1 8)")
     p.add_argument("--repeat", type=positive_int, default=20,
                    help="timed runs per measurement (default 20; the numpy backend at most 5)")
@@ -405,10 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, nargs="+", metavar="T",
                    help="thread counts to measure (default: 1 and all CPUs)")
     p.add_argument("--backends", nargs="+", choices=("numba", "numpy"), default=["numba", "numpy"])
-    p.add_argument("--peers", nargs="+", choices=("onnxruntime", "tensorflow", "torch"),
+    p.add_argument("--peers", nargs="+", choices=("onnxruntime", "openvino", "litert", "tensorflow", "torch"),
                    help="peers to run (default: every one installed)")
+    p.add_argument("--tflite", metavar="FILE", help="a .tflite of the same weights for LiteRT "
+                   "(default: beside the weights, same stem)")
+    p.add_argument("--rounds", type=positive_int, default=5,
+                   help="split the timed runs into this many rounds, alternating between the engines (default 5)")
+    p.add_argument("--layers", action="store_true", help="per-layer times of numba beside OpenVINO's "
+                   "counters, at the first --batch size, instead of the whole-network bench")
     p.add_argument("--no-peers", action="store_true", help="run no peer")
-    p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
+    p.add_argument("--size", type=resolution, default=224, help="input resolution (default 224)")
     p.add_argument("--no-compile-time", action="store_true",
                    help="skip timing the Numba start-up with a cold and a warm cache")
     p.add_argument("--json", metavar="FILE", help="also write the whole result as JSON")
@@ -418,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .onnx file")
     p.add_argument("--weights", "-w", help="an .h5 from `convert` or a TF checkpoint prefix")
     p.add_argument("--raw", action="store_true", help="raw variables instead of their moving averages")
-    p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
+    p.add_argument("--size", type=resolution, default=224, help="input resolution (default 224)")
     p.add_argument("--opset", type=positive_int, default=13)
     p.add_argument("--endpoints", action="store_true", help="also output every layer_N endpoint (NHWC)")
 
@@ -436,30 +557,62 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 5e-5 for float32 models)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON (- for stdout)")
     p.add_argument("--threads", type=positive_int, help="threads of the foreign runtime")
+    p.add_argument("--interface", help="the input the model is meant to take: original, converted, or "
+                   "LAYOUT,COLOR,SCALE (default: what it declares, else the model card's for its layout)")
     return parser
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
-    return f"mnv2ref: warning: {message}\n"
+    return f"mnv2ref: warning: {printable(message)}\n"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so
+    that every `finally` (atomic_write's temp-file removal) runs on the way out."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+def _check_environment() -> None:
+    """Refuse a NUMBA_NUM_THREADS that would make importing Numba fail (0) or be
+    silently ignored (a non-integer)."""
+    threads = os.environ.get("NUMBA_NUM_THREADS")
+    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):
+        raise InputError(f"NUMBA_NUM_THREADS must be a positive integer, got {printable(threads)!r}")
 
 
 def main(argv=None) -> int:
+    """Run one command; return its exit status: 0, 1 on an error, 2 on a
+    usage error, 130 on Ctrl-C, 143 on SIGTERM (temporary files removed)."""
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
+        _check_environment()
         return args.func(args) or 0
     except BrokenPipeError:
         raise  # not an error: the reader went away; see run()
     except (Mnv2refError, OSError) as error:
-        print(f"mnv2ref: error: {error}", file=sys.stderr)
+        print(f"mnv2ref: error: {printable(error)}", file=sys.stderr)
+    except Terminated:
+        print("mnv2ref: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("mnv2ref: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # a bug: still one line, unless asked for the traceback
         if os.environ.get("MNV2REF_DEBUG"):
             raise
-        print(f"mnv2ref: internal error: {type(error).__name__}: {error} "
+        print(f"mnv2ref: internal error: {type(error).__name__}: {printable(error)} "
               "(set MNV2REF_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+    finally:
+        # After a SIGTERM the handler is SIG_IGN and stays so: the process is on its way out.
+        if in_main_thread and signal.getsignal(signal.SIGTERM) is _terminate:
+            signal.signal(signal.SIGTERM, previous)
     return 1
 
 

@@ -21,7 +21,7 @@ from . import layers as L
 from .architecture import ConvSpec, LayerSpec, layer_specs, logits_spec, variable_shapes
 from .errors import InputError, WeightsError
 from .interfaces import check_input, to_network_input
-from .weights import infer_config, read_h5, select_variables, shape_problems
+from .weights import check_variables, read_h5, select_variables, shape_problems
 
 Capture = Optional[Callable[[str, np.ndarray], None]]
 BACKENDS = ("numpy", "numba")
@@ -167,7 +167,8 @@ class MobileNetV2:
     source: str = "weights"
 
     def __post_init__(self):
-        self.depth_multiplier, self.num_classes = infer_config(self.variables, self.source)
+        # Every loader (checkpoint, HDF5, Keras, a dict of arrays) ends here.
+        self.depth_multiplier, self.num_classes = check_variables(self.variables, self.source)
         self.specs = layer_specs(self.depth_multiplier)
         self.layers = self._build_layers()
         self._fast = None
@@ -222,10 +223,24 @@ class MobileNetV2:
         return cls(variables, attributes, str(path))
 
     @classmethod
+    def from_keras_h5(cls, path) -> "MobileNetV2":
+        """Load a Keras Applications weights file
+        (`mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}[_no_top].h5`).
+        Keras dropped the background class: a model with a top has
+        `num_classes` 1000, Keras class k being TF-slim class k + 1 (see `keras.py`)."""
+        from .keras import read_keras_h5
+
+        variables, attributes = read_keras_h5(path)
+        return cls(variables, attributes, str(path))
+
+    @classmethod
     def load(cls, path, use_ema: bool = True) -> "MobileNetV2":
-        """`from_h5` for an .h5/.hdf5 file, else `from_checkpoint`."""
+        """`from_h5` (or `from_keras_h5` for a file in Keras's layout) for an
+        .h5/.hdf5 file, else `from_checkpoint`."""
         if str(path).lower().endswith((".h5", ".hdf5")):
-            return cls.from_h5(path)
+            from .keras import is_keras_h5
+
+            return cls.from_keras_h5(path) if is_keras_h5(path) else cls.from_h5(path)
         return cls.from_checkpoint(path, use_ema)
 
     def _build_layers(self) -> list:
@@ -303,7 +318,9 @@ class MobileNetV2:
 
     def predict(self, x: np.ndarray, backend: str = "numba", layout: str = "NHWC",
                 color: str = "RGB", scale: str = "[-1,1]") -> np.ndarray:
-        """Class probabilities: (N, H, W, 3) -> (N, num_classes), class 0 = background.
+        """Class probabilities: (N, H, W, 3) -> (N, num_classes). With TF-slim's
+        1001 classes class 0 is background; a Keras model's 1000 classes are
+        TF-slim's 1..1000 (softmax over those only).
 
         By default x is the network's own input (the model card's original
         interface: NHWC, RGB, [-1, 1]); the card's converted interface is

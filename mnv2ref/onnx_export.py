@@ -232,7 +232,8 @@ def export_onnx(model, path: Union[str, os.PathLike], opset: int = 13, batch: Op
                         f"TF SAME padding as explicit pads for {height}x{width}")
     proto = helper.make_model(graph, producer_name="mnv2ref",
                               opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = min(proto.ir_version, _max_ir_version(onnx, opset))
+    # IR 3 (opsets 7-8) would also require every initializer as a graph input.
+    proto.ir_version = min(proto.ir_version, max(_max_ir_version(onnx, opset), 4))
     from . import __version__
 
     proto.producer_version = __version__
@@ -263,9 +264,11 @@ def _max_ir_version(onnx, opset: int) -> int:
     return onnx.IR_VERSION
 
 
-def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
+def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None, spinning: bool = True):
     """An onnxruntime CPU `InferenceSession` for an exported file, with
-    `intra_op_num_threads = threads` (None: onnxruntime's default)."""
+    `intra_op_num_threads = threads` (None: onnxruntime's default).
+    `spinning=False`: idle pool threads sleep at once instead of spinning for
+    a while after each run (on a shared machine, spinning steals cores)."""
     try:
         import onnxruntime as ort
     except ImportError as error:
@@ -275,4 +278,6 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

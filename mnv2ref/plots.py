@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import InputError, MissingDependencyError
 from .files import atomic_write
+from .text import printable
 
 
 PLOT_KINDS = ("stem", "expand", "depthwise", "project", "residual", "head")
@@ -34,11 +35,24 @@ def _import_matplotlib():
     return figure.Figure, backend.FigureCanvasAgg
 
 
+def figure_format(path) -> str:
+    """The format `path`'s extension asks for (no extension: png); InputError,
+    before anything is drawn, when matplotlib cannot write it."""
+    _, FigureCanvas = _import_matplotlib()
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    supported = FigureCanvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise InputError(f"cannot write a figure as .{printable(fmt)} ({printable(path)}); "
+                         f"matplotlib writes {', '.join('.' + f for f in sorted(supported))}")
+    return fmt
+
+
 def save_figure(fig, path) -> Path:
     """Save atomically; the format follows the extension (.png, .svg, .pdf)."""
     path = Path(path)
+    fmt = figure_format(path)
     with atomic_write(path, suffix=path.suffix) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
+        fig.savefig(tmp, format=fmt)
     return path
 
 
@@ -47,6 +61,7 @@ def plot_cost(c, path) -> Path:
     layer_19, pool, logits, softmax), stacked by kind, to `path` (the format
     follows the extension: .png, .svg, .pdf ...). Needs matplotlib; no global
     pyplot state is touched."""
+    figure_format(path)
     Figure, FigureCanvas = _import_matplotlib()
     groups = list(dict.fromkeys(row.layer for row in c.layers))
     labels = [g.replace("layer_", "") if g.startswith("layer_") else
@@ -85,6 +100,7 @@ def plot_feature_maps(activation: np.ndarray, path, title: str = "", max_maps: i
     maps = activation[0] if activation.ndim == 4 else activation
     if maps.ndim != 3:
         raise InputError(f"feature maps must be (1, H, W, C) or (H, W, C), got shape {activation.shape}")
+    figure_format(path)
     Figure, FigureCanvas = _import_matplotlib()
     count = min(maps.shape[-1], max_maps)
     cols = math.ceil(math.sqrt(count))

@@ -32,15 +32,19 @@ we use Pillow, and convert every Pillow mode to RGB the way TensorFlow's
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
+import warnings
 from typing import Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from mnv2ref.errors import ImageError, InputError
+from mnv2ref.errors import FileError, ImageError, InputError
+from mnv2ref.files import check_regular_file
+from mnv2ref.text import printable
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -57,6 +61,16 @@ __all__ = [
 DEFAULT_SIZE = 224
 #: TF-slim's ``preprocess_for_eval`` keeps the central 87.5 % of each side.
 DEFAULT_CENTRAL_FRACTION = 0.875
+#: The formats TensorFlow's decoders read (``tf.io.decode_image``: BMP, GIF,
+#: JPEG, PNG; WebP in ``tf.io.decode_webp``).  Pillow is told to try these
+#: only, so that no other plugin (PostScript via Ghostscript, ...) ever runs.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+#: The largest image decoded, in pixels (8192 x 8192): checked from the
+#: header, before the pixels are decoded.  Pillow's own limit only warns up
+#: to twice its 89 Mpx.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+#: The largest output side of ``preprocess`` / ``resize_bilinear``.
+MAX_SIZE = 4096
 
 # ``convert_image_dtype(uint8 -> float32)`` computes ``cast(x) * scale`` where
 # ``scale = 1.0 / 255`` is a Python float that TensorFlow turns into a float32
@@ -127,9 +141,10 @@ def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
 
     Raises:
       InputError: ``path`` is not a path (an open file, a URL, a number...).
-      ImageError: the file is missing, empty, not an image, truncated or
-        corrupt, too large (Pillow's decompression-bomb limit), or has zero
-        width or height.  The one-line message names the file.
+      ImageError: the file is missing, empty, not a regular file (a FIFO,
+        a device), not in one of ``ACCEPTED_FORMATS``, truncated or corrupt,
+        larger than ``MAX_IMAGE_PIXELS``, or has zero width or height.  The
+        one-line message names the file.
     """
     name = _as_local_path(path)
     _check_file(name)
@@ -155,7 +170,7 @@ def _as_local_path(path) -> str:
         )
     if _URL_RE.match(name):
         raise InputError(
-            f"load_image reads local files only, got a URL {_one_line(name)!r}; download it first"
+            f"load_image reads local files only, got a URL {printable(name)!r}; download it first"
         )
     if not name:
         raise InputError("load_image expects a file path, got an empty string")
@@ -165,13 +180,13 @@ def _as_local_path(path) -> str:
 def _check_file(name: str) -> None:
     """Fail early, with a precise message, on paths that cannot be an image file."""
     try:
-        st = os.stat(name)
-    except FileNotFoundError:
-        raise _image_error(name, "no such file") from None
-    except OSError as exc:
-        raise _image_error(name, f"cannot access file ({exc.strerror or exc})") from None
-    if os.path.isdir(name):
-        raise _image_error(name, "is a directory, not an image file")
+        st = check_regular_file(name, "image")
+    except FileError as exc:
+        if exc.errno == errno.ENOENT:
+            raise _image_error(name, "no such file") from None
+        if exc.errno == errno.EISDIR:
+            raise _image_error(name, "is a directory, not an image file") from None
+        raise ImageError(str(exc)) from None  # a FIFO, a device, a path below a file...
     if st.st_size == 0:
         raise _image_error(name, "file is empty (0 bytes)")
 
@@ -194,13 +209,20 @@ def _decode(name: str) -> Image.Image:
         saved = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
-            img = Image.open(name)
-            img.load()
-            return img
+            with warnings.catch_warnings():  # our MAX_IMAGE_PIXELS is stricter than Pillow's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(name, formats=ACCEPTED_FORMATS)
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                reason = (f"refusing to decode {img.width}x{img.height} pixels, more than the "
+                          f"{MAX_IMAGE_PIXELS:,} mnv2ref decodes (a possible decompression bomb)")
+            else:
+                img.load()
+                return img
         except Image.DecompressionBombError as exc:
             reason = f"refusing to decode a possible decompression bomb ({exc})"
         except UnidentifiedImageError:
-            reason = "not a recognised image file (unknown format, or a corrupt header)"
+            reason = (f"not a recognised image file: mnv2ref reads {', '.join(ACCEPTED_FORMATS)}, "
+                      "as TensorFlow's decoders do (another format, or a corrupt header)")
         except FileNotFoundError:
             reason = "no such file"
         except MemoryError:
@@ -276,12 +298,7 @@ def _cmyk_to_rgb(cmyk: np.ndarray, inverted: bool = False) -> np.ndarray:
 
 def _image_error(name: str, reason: str) -> ImageError:
     """Build the one-line ``ImageError`` for file ``name``."""
-    return ImageError(f"cannot load image '{_one_line(name)}': {_one_line(reason)}")
-
-
-def _one_line(text: str) -> str:
-    """Escape line breaks so that an error message stays on one line."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return ImageError(f"cannot load image '{printable(name)}': {printable(reason)}")
 
 
 # --------------------------------------------------------------------------
@@ -534,6 +551,8 @@ def _parse_size(size, what: str) -> Tuple[int, int]:
     height, width = int(pair[0]), int(pair[1])
     if height < 1 or width < 1:
         raise InputError(f"{what} must be positive, got {height}x{width}")
+    if max(height, width) > MAX_SIZE:
+        raise InputError(f"{what} must be at most {MAX_SIZE}, got {height}x{width}")
     return height, width
 
 

@@ -11,12 +11,15 @@ downloads the published 1.0/224 checkpoint into the cache, once.
 from __future__ import annotations
 
 import os
+import stat
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .errors import WeightsError
+from .errors import Mnv2refWarning, WeightsError
+from .text import printable
 
 DATA_DIR = Path(__file__).parent / "data"
 EXAMPLE_IMAGE = DATA_DIR / "chelsea.jpg"
@@ -44,10 +47,22 @@ def cache_dir() -> Path:
 
 
 def _weights_in(folder: Path) -> Optional[Path]:
-    """The best .h5 in a folder: the full 1.0/224 model if there, else the newest."""
+    """The best .h5 in a folder: the full 1.0/224 model if there, else the newest.
+    A dangling link, unreadable file or non-file among them is skipped with a
+    warning, so that one bad entry does not stop every command."""
     if not folder.is_dir():
         return None
-    candidates = sorted(folder.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)
+    readable = {}
+    for path in folder.glob("*.h5"):
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
+                raise PermissionError("not a readable regular file")
+        except OSError as error:
+            warnings.warn(f"skipping {printable(path)}: {printable(error.strerror or error)}", Mnv2refWarning)
+            continue
+        readable[path] = st.st_mtime
+    candidates = sorted(readable, key=readable.get, reverse=True)
     preferred = [p for p in candidates if p.name == "mobilenet_v2_1.0_224.h5"]
     return (preferred or candidates or [None])[0]
 
@@ -112,5 +127,12 @@ def labels() -> tuple:
 
 
 def label(index: int, num_classes: int = 1001) -> str:
-    """A class name, or `class N` for a classifier that is not the ImageNet one."""
-    return labels()[index] if num_classes == len(labels()) else f"class {index}"
+    """The name of class `index` of a classifier with `num_classes` outputs:
+    TF-slim's 1001 (0 is background), or Keras's 1000 (background dropped,
+    so Keras class k is TF-slim class k + 1); `class N` for any other."""
+    names = labels()
+    if num_classes == len(names):
+        return names[index]
+    if num_classes == len(names) - 1:
+        return names[index + 1]
+    return f"class {index}"

@@ -18,12 +18,21 @@ can crash the process on a corrupted file instead of reporting an error, so a
 file whose digest does not match (or that has none: written by other tools,
 or edited since) is first read in a throw-away child process; only if that
 survives is it read here.
+
+Weights from anywhere pass one check before a model is built from them,
+`check_variables`: the network's tensors present with their shapes, stored
+as floats, finite, moving variances non-negative. An HDF5 file is read only
+if it is self-contained (`check_self_contained`, `refuse_links_out`): no
+external storage, virtual datasets, external links or filter plugins, which
+would make libhdf5 read other files or run code.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -31,9 +40,10 @@ from typing import Mapping
 
 import numpy as np
 
-from .architecture import PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
-from .errors import Mnv2refError, Mnv2refWarning, WeightsError
-from .files import atomic_write
+from .architecture import MAX_MODEL_VALUES, PUBLISHED_DEPTH_MULTIPLIERS, variable_shapes
+from .errors import FileError, Mnv2refError, Mnv2refWarning, WeightsError
+from .files import atomic_write, check_not_overwriting, check_regular_file, os_error
+from .text import printable
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 OPTIMIZER_SUFFIXES = ("/RMSProp", "/RMSProp_1", "/Momentum", "/Adam", "/Adam_1")
@@ -70,19 +80,28 @@ def select_variables(checkpoint: Mapping, use_ema: bool = True, source: str = "c
     return variables, used_ema
 
 
-def infer_config(variables: Mapping, source: str = "weights") -> tuple:
-    """(depth_multiplier, num_classes) of a set of MobileNetV2 variables.
+def infer_config(variables: Mapping, source: str = "weights", label=str) -> tuple:
+    """(depth_multiplier, num_classes) of a set of MobileNetV2 variables,
+    from their shapes alone (they may be HDF5 datasets not yet read).
 
     Each published depth multiplier is tried in turn and the one whose every
     expected tensor is present with the right shape wins; otherwise the error
     names the first tensor that is missing or wrongly shaped for the closest
-    candidate."""
+    candidate (`label(name)` says where that tensor comes from). A classifier
+    so wide that the network would exceed `MAX_MODEL_VALUES` (e.g. 200,000
+    classes) is refused here, before anything is read."""
     biases = variables.get("MobilenetV2/Logits/Conv2d_1c_1x1/biases")
     num_classes = int(biases.shape[0]) if biases is not None and biases.ndim == 1 else 0
     best = None
     for depth_multiplier in PUBLISHED_DEPTH_MULTIPLIERS:
-        problems = shape_problems(variables, variable_shapes(depth_multiplier, num_classes))
+        shapes = variable_shapes(depth_multiplier, num_classes)
+        problems = shape_problems(variables, shapes, label)
         if not problems:
+            values = sum(math.prod(shape) for shape in shapes.values())
+            if values > MAX_MODEL_VALUES:
+                raise WeightsError(f"{source}: a MobileNetV2 {depth_multiplier} with {num_classes:,} "
+                                   f"classes has {values:,} values, more than the {MAX_MODEL_VALUES:,} "
+                                   "mnv2ref loads")
             return depth_multiplier, num_classes
         if best is None or len(problems) < len(best[1]):
             best = depth_multiplier, problems
@@ -91,14 +110,53 @@ def infer_config(variables: Mapping, source: str = "weights") -> tuple:
                        f"closest is {depth_multiplier} with {len(problems)} problems, first: {problems[0]}")
 
 
-def shape_problems(variables: Mapping, expected: Mapping) -> list:
-    """Each expected tensor that is missing or has the wrong shape, in words."""
+def check_dtype(name: str, dtype, source: str) -> None:
+    """Refuse a tensor that is not stored as floating-point numbers (int32,
+    bool, complex64, strings, ...): converting it would silently change the
+    weights, and no MobileNetV2 was trained with such variables."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise WeightsError(f"{source}: tensor {printable(name)} has dtype {dtype}, "
+                           "expected a floating-point dtype (float32)")
+
+
+def check_variables(variables: Mapping, source: str = "weights") -> tuple:
+    """The one validation of weights, wherever they come from (checkpoint,
+    HDF5, Keras): the network's tensors must be present with their shapes
+    (`infer_config`), floating-point (`check_dtype`), finite, and every
+    BatchNorm moving variance non-negative, or the network would output NaN.
+    WeightsError names the tensor, the count of bad values and the first
+    one's index. Returns (depth_multiplier, num_classes).
+
+    Tensors the network does not use are not looked at."""
+    depth_multiplier, num_classes = infer_config(variables, source)
+    for name in variable_shapes(depth_multiplier, num_classes):
+        value = variables[name]
+        check_dtype(name, value.dtype, source)
+        value = np.asarray(value)
+        _refuse_where(~np.isfinite(value), name, value, "NaN or infinite values", source)
+        if name.endswith("/moving_variance"):
+            _refuse_where(value < 0, name, value, "negative moving variances", source)
+    return depth_multiplier, num_classes
+
+
+def _refuse_where(bad: np.ndarray, name: str, value: np.ndarray, what: str, source: str) -> None:
+    count = int(np.count_nonzero(bad))
+    if count:
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), value.shape))
+        raise WeightsError(f"{source}: tensor {printable(name)} has {count} {what} "
+                           f"(first at index {first}: {value[first]})")
+
+
+def shape_problems(variables: Mapping, expected: Mapping, label=str) -> list:
+    """Each expected tensor that is missing or has the wrong shape, in words;
+    `label(name)` names the tensor (e.g. with where in a file it was read)."""
     problems = []
     for name, shape in expected.items():
         if name not in variables:
-            problems.append(f"tensor {name} is missing (expected shape {shape})")
+            problems.append(f"tensor {label(name)} is missing (expected shape {shape})")
         elif tuple(variables[name].shape) != tuple(shape):
-            problems.append(f"tensor {name} has shape {tuple(variables[name].shape)}, expected {shape}")
+            problems.append(f"tensor {label(name)} has shape {tuple(variables[name].shape)}, expected {shape}")
     return problems
 
 
@@ -161,13 +219,16 @@ def write_h5(path: os.PathLike, variables: Mapping, attributes: Mapping) -> Path
 
     path = Path(path)
     with atomic_write(path) as tmp:
-        with h5py.File(tmp, "w", userblock_size=USER_BLOCK_SIZE) as f:
-            for name in sorted(variables):
-                f.create_dataset(name, data=np.asarray(variables[name], dtype=np.float32))
-            f.attrs["format"] = H5_FORMAT
-            f.attrs["format_version"] = H5_FORMAT_VERSION
-            for key, value in attributes.items():
-                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        try:
+            with h5py.File(tmp, "w", userblock_size=USER_BLOCK_SIZE) as f:
+                for name in sorted(variables):
+                    f.create_dataset(name, data=np.asarray(variables[name], dtype=np.float32))
+                f.attrs["format"] = H5_FORMAT
+                f.attrs["format_version"] = H5_FORMAT_VERSION
+                for key, value in attributes.items():
+                    f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        except RuntimeError as error:  # how h5py reports some failed writes (disk full)
+            raise FileError(errno.EIO, f"cannot write {printable(path)}: {error}", str(path)) from None
         with open(tmp, "r+b") as f:
             f.write(_user_block(sha256_of(tmp, USER_BLOCK_SIZE)))
     return path
@@ -183,9 +244,10 @@ def convert(prefix, out_h5, use_ema: bool = True, metadata: Mapping = None) -> P
     from .checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(prefix)
-    variables, used_ema = select_variables(checkpoint, use_ema, source=str(checkpoint.index_file))
-    depth_multiplier, num_classes = infer_config(variables, source=str(checkpoint.index_file))
     sources = [Path(checkpoint.index_file), *map(Path, checkpoint.data_files)]
+    check_not_overwriting(out_h5, sources)
+    variables, used_ema = select_variables(checkpoint, use_ema, source=str(checkpoint.index_file))
+    depth_multiplier, num_classes = check_variables(variables, source=str(checkpoint.index_file))
     return write_h5(out_h5, variables, {
         "depth_multiplier": depth_multiplier,
         "num_classes": num_classes,
@@ -204,9 +266,14 @@ def read_h5(path) -> tuple:
     (so memory stays bounded whatever the file holds); a missing or wrongly
     shaped tensor is named in the WeightsError."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    if not has_intact_digest(path):
+    if not path.exists():
+        raise WeightsError(f"{printable(path)}: no such weights file")
+    check_regular_file(path, "weights file")
+    try:
+        intact = has_intact_digest(path)
+    except OSError as error:  # permission denied, an I/O error
+        raise os_error(error, path, "read weights file") from None
+    if not intact:
         probe_h5(path)
     return read_h5_datasets(path)
 
@@ -221,22 +288,106 @@ def read_h5_datasets(path) -> tuple:
             if found is not None and found != H5_FORMAT:
                 raise WeightsError(f"{path}: not an mnv2ref weights file "
                                    f"(attribute format is {found!r}, expected {H5_FORMAT!r})")
-            datasets = {}
-            f.visititems(lambda name, node: datasets.__setitem__(name, node)
-                         if isinstance(node, h5py.Dataset) else None)
+            datasets = _datasets(f, path)
+            refuse_links_out(f, path)
             depth_multiplier, num_classes = infer_config(datasets, source=str(path))
             variables = {}
             for name in variable_shapes(depth_multiplier, num_classes):
-                if datasets[name].dtype.kind not in "fiu":
-                    raise WeightsError(f"{path}: dataset {name} has dtype {datasets[name].dtype}, "
-                                       "expected float32")
+                check_dtype(name, datasets[name].dtype, str(path))
+                check_self_contained(datasets[name], path)
                 variables[name] = np.asarray(datasets[name][()], dtype=np.float32)
-            attributes = {key: _decode_attribute(value) for key, value in f.attrs.items()}
+            attributes = {key: _decode_attribute(_read_attribute(f, key, path)) for key in f.attrs}
     except Mnv2refError:
         raise
     except Exception as error:  # h5py turns HDF5 failures into many exception types
         raise WeightsError(f"{path}: cannot read as HDF5 weights ({type(error).__name__}: {error})") from None
     return variables, attributes
+
+
+# Filters that only compress or checksum the bytes in the file: gzip, shuffle,
+# Fletcher-32 and LZF (what h5py writes). Any other filter is a plugin
+# libhdf5 would load from disk, and run, to read the data.
+ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
+MAX_ATTRIBUTE_BYTES = 1 << 20
+MAX_OBJECTS = 10_000
+# h5py's own chunks are 8 KiB to 1 MiB, so no tensor of the network needs
+# more than about a thousand; tiny chunks only make reading slow.
+MAX_CHUNKS = 16_384
+
+
+def _datasets(f, path) -> dict:
+    """{name: h5py.Dataset} of every dataset in the file; more than
+    `MAX_OBJECTS` groups and datasets (a MobileNetV2 has about 300) are refused."""
+    import h5py
+
+    datasets, objects = {}, [0]
+
+    def visit(name, node):
+        objects[0] += 1
+        if isinstance(node, h5py.Dataset):
+            datasets[name] = node
+        return True if objects[0] > MAX_OBJECTS else None  # True stops the visit
+
+    if f.visititems(visit):
+        raise WeightsError(f"{printable(path)}: more than {MAX_OBJECTS:,} groups and datasets; "
+                           "a MobileNetV2 weights file has a few hundred")
+    return datasets
+
+
+def refuse_links_out(f, path) -> None:
+    """Refuse an HDF5 file with external links (or user-defined ones): a
+    weights (or golden) file must be self-contained, not read parts of other
+    files."""
+    import h5py
+
+    found = f.visititems_links(lambda name, link: None if isinstance(link, (h5py.HardLink, h5py.SoftLink))
+                               else (name, link))  # the first other link stops the visit
+    if found:
+        name, link = found
+        raise WeightsError(f"{printable(path)}: {printable(name)} is an {type(link).__name__} "
+                           f"to {printable(getattr(link, 'filename', '?'))}; mnv2ref reads only "
+                           "self-contained HDF5 files")
+
+
+def check_self_contained(dataset, path) -> None:
+    """Look at a dataset's storage layout (without reading it) and refuse
+    what would make libhdf5 read other files or run code, or make values up:
+    external raw storage, virtual-dataset mappings, no storage at all (fill
+    values), filters other than `ALLOWED_FILTERS`; and more than `MAX_CHUNKS`
+    chunks, which only make reading slow."""
+    from h5py import h5d
+
+    plist = dataset.id.get_create_plist()
+    where = f"{printable(path)}: dataset {printable(dataset.name)}"
+    if plist.get_layout() == h5d.VIRTUAL:
+        raise WeightsError(f"{where} is a virtual dataset (its data lives in other files); "
+                           "mnv2ref reads only self-contained HDF5 files")
+    if plist.get_external_count():
+        external = printable(plist.get_external(0)[0].decode("utf-8", "replace"))
+        raise WeightsError(f"{where} stores its data in an external file ({external}); "
+                           "mnv2ref reads only self-contained HDF5 files")
+    if dataset.size and not dataset.id.get_storage_size():
+        raise WeightsError(f"{where} has no data stored (declared, never written: its values would "
+                           "be HDF5 fill values)")
+    if dataset.chunks:
+        chunks = math.prod(-(-size // chunk) for size, chunk in zip(dataset.shape, dataset.chunks))
+        if chunks > MAX_CHUNKS:
+            raise WeightsError(f"{where} is stored in {chunks:,} chunks, more than the {MAX_CHUNKS:,} "
+                               "mnv2ref reads")
+    for index in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(index)
+        if code not in ALLOWED_FILTERS:
+            raise WeightsError(f"{where} uses HDF5 filter {code} ({printable(name.decode('utf-8', 'replace'))}); "
+                               f"only {', '.join(ALLOWED_FILTERS.values())} are read")
+
+
+def _read_attribute(f, key: str, path):
+    """One root attribute, refused if it is larger than `MAX_ATTRIBUTE_BYTES`."""
+    size = f.attrs.get_id(key).get_storage_size()
+    if size > MAX_ATTRIBUTE_BYTES:
+        raise WeightsError(f"{printable(path)}: attribute {printable(key)} holds {size:,} bytes, "
+                           f"more than the {MAX_ATTRIBUTE_BYTES:,} of metadata mnv2ref reads")
+    return f.attrs[key]
 
 
 def _decode_attribute(value):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from mnv2ref.errors import ImageError, InputError, Mnv2refError
-from mnv2ref.preprocessing import (central_crop, central_crop_bounds, load_image, preprocess,
+from mnv2ref.preprocessing import (_pil_to_rgb, central_crop, central_crop_bounds, load_image, preprocess,
                                    resize_bilinear, to_unit_float)
 
 GOLDENS = [
@@ -335,6 +335,14 @@ def pil_read(path):
         return img.mode, dict(img.info), np.asarray(img)
 
 
+def pil_to_rgb(path):
+    """The mode conversion of load_image on a file of any Pillow format
+    (load_image itself reads only TensorFlow's formats: TIFF is refused)."""
+    with Image.open(path) as img:
+        img.load()
+        return np.array(_pil_to_rgb(img, str(path)))
+
+
 def check_rgb(arr, shape):
     assert isinstance(arr, np.ndarray)
     assert arr.dtype == np.uint8 and arr.shape == (*shape, 3)
@@ -427,11 +435,11 @@ def test_load_16_bit_big_endian_and_int32_tiff(tmp_path):
     grey = np.array([[0x1234, 0xABCD]], dtype=np.uint16)
     Image.frombytes("I;16B", (2, 1), grey.astype(">u2").tobytes()).save(tmp_path / "g16b.tif")
     assert pil_read(tmp_path / "g16b.tif")[0] == "I;16B"
-    np.testing.assert_array_equal(load_image(tmp_path / "g16b.tif")[0, :, 0], [0x12, 0xAB])
+    np.testing.assert_array_equal(pil_to_rgb(tmp_path / "g16b.tif")[0, :, 0], [0x12, 0xAB])
     wide = np.array([[-5, 0x1234, 70000]], dtype=np.int32)   # clipped to [0, 65535]
     Image.fromarray(wide, mode="I").save(tmp_path / "i32.tif")
     assert pil_read(tmp_path / "i32.tif")[0] == "I"
-    np.testing.assert_array_equal(load_image(tmp_path / "i32.tif")[0, :, 0], [0x00, 0x12, 0xFF])
+    np.testing.assert_array_equal(pil_to_rgb(tmp_path / "i32.tif")[0, :, 0], [0x00, 0x12, 0xFF])
 
 
 def test_load_16_bit_rgb_and_rgba_png(tmp_path):
@@ -486,7 +494,7 @@ def test_load_rgb_jpeg(tmp_path):
 def test_load_ycbcr_tiff(tmp_path):
     Image.new("RGB", (4, 3), (30, 160, 220)).convert("YCbCr").save(tmp_path / "y.tif")
     assert pil_read(tmp_path / "y.tif")[0] == "YCbCr"
-    got = load_image(tmp_path / "y.tif")
+    got = pil_to_rgb(tmp_path / "y.tif")
     check_rgb(got, (3, 4))
     assert np.all(np.abs(got.astype(int) - [30, 160, 220]) <= 3)
 
@@ -512,7 +520,7 @@ def test_exif_orientation_is_not_applied(tmp_path):
 def test_float_mode_is_refused(tmp_path):
     Image.new("F", (3, 2), 0.5).save(tmp_path / "f.tif")
     with pytest.raises(ImageError, match=r"f\.tif.*mode F"):
-        load_image(tmp_path / "f.tif")
+        pil_to_rgb(tmp_path / "f.tif")
 
 
 # ---------------------------------------------------------------------------

@@ -175,5 +175,5 @@ def test_h5_with_non_numeric_dataset_is_refused(small_h5, tmp_path):
     with h5py.File(target, "r+") as f:
         f.create_dataset(name, data=np.array([b"abc"] * 27).reshape(3, 3, 3, 1).repeat(16, axis=3))
     with pytest.warns(mnv2ref.Mnv2refWarning):
-        with pytest.raises(WeightsError, match=f"dataset {name} has dtype"):
+        with pytest.raises(WeightsError, match=f"tensor {name} has dtype"):
             mnv2ref.MobileNetV2.from_h5(target)

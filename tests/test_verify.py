@@ -99,6 +99,15 @@ def symmetric_padding(graph):
             attribute.ints[:] = [1, 1, 1, 1]
 
 
+def symmetric_padding_everywhere(graph):
+    """Every stride-2 conv, the stem included, padded (1, 1): every input interface candidate
+    is then far off at layer_1 (BGR nearly as close as RGB), and the expected one must be kept."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "pads" and list(attribute.ints) == [0, 0, 1, 1]:
+                attribute.ints[:] = [1, 1, 1, 1]
+
+
 def relu_not_relu6(graph):
     node = _node(graph, "MobilenetV2/expanded_conv_4/expand/Relu6")  # layer_6's expansion
     node.op_type = "Relu"
@@ -188,14 +197,55 @@ def test_exported_graph_passes_with_ambiguous_shapes(synthetic, bug_dir):
     assert report.passed, report.format()
 
 
+def test_graph_ending_at_logits_has_no_predictions(synthetic, bug_dir):
+    def drop_softmax(graph):
+        for node in [n for n in graph.node if n.op_type == "Softmax" or n.output[0] == "Predictions"]:
+            graph.node.remove(node)
+        graph.output.remove(next(o for o in graph.output if o.name == "Predictions"))
+        for node in graph.node:  # and no name tells what the last tensors are
+            node.output[:] = [{"Logits": "out", "global_pool": "pooled"}.get(n, n) for n in node.output]
+        for output in graph.output:
+            output.name = {"Logits": "out", "global_pool": "pooled"}.get(output.name, output.name)
+
+    report = verify(_edited(synthetic, bug_dir, "logits", drop_softmax), weights=synthetic)
+    assert report.passed, report.format()
+    theirs = {m.name: m.foreign for m in report.endpoints}
+    assert theirs["Predictions"] is None and theirs["Logits"] == "Logits/flatten"
+
+
+def test_unnamed_graph_with_an_extra_conv_aligns_by_order(synthetic, bug_dir):
+    # One conv more than ours (so no structural match) and no names: the order pass must take
+    # each chain's end (the Clip), not the conv output before it.
+    from onnx import helper, numpy_helper
+
+    def extra_conv_no_names(graph):
+        graph.initializer.append(numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye"))
+        for node in graph.node:
+            node.input[:] = ["input/eye" if i == "input/to_nchw" else i for i in node.input]
+        at = next(i for i, n in enumerate(graph.node) if n.output[0] == "input/to_nchw")
+        graph.node.insert(at + 1, helper.make_node("Conv", ["input/to_nchw", "eye"], ["input/eye"],
+                                                   kernel_shape=[1, 1]))
+        outputs, renamed = {o.name for o in graph.output}, {}
+        for i, node in enumerate(graph.node):
+            node.input[:] = [renamed.get(n, n) for n in node.input]
+            for j, name in enumerate(node.output):
+                if name not in outputs:
+                    renamed[name] = node.output[j] = f"t{i}_{j}"
+
+    report = verify(_edited(synthetic, bug_dir, "extra_conv", extra_conv_no_names), weights=synthetic)
+    assert report.passed and len(report.matched) == 65, report.format()
+
+
 # --- each classic bug: the right first divergence and the right hint -------------------------
 
-ONNX_EDITS = {"symmetric_padding": symmetric_padding, "relu": relu_not_relu6, "no_residual": no_residual}
+ONNX_EDITS = {"symmetric_padding": symmetric_padding, "symmetric_padding_everywhere": symmetric_padding_everywhere,
+              "relu": relu_not_relu6, "no_residual": no_residual}
 VARIABLE_CHANGES = {"epsilon": epsilon_1e5, "bgr": bgr_weights}
 
 
 @pytest.mark.parametrize("bug, first, hint", [
     ("symmetric_padding", "layer_3/depthwise_output", "symmetric (PyTorch-style) padding"),
+    ("symmetric_padding_everywhere", "layer_1", "symmetric (PyTorch-style) padding"),
     ("relu", "layer_6/expansion_output", "ReLU instead of ReLU6"),
     ("no_residual", "layer_4", "missing residual add in layer_4"),
     ("epsilon", "layer_1", "BatchNorm epsilon 1e-5"),
@@ -214,6 +264,8 @@ def test_bug_found_and_explained(synthetic, synthetic_prefix, bug_dir, bug, firs
     report = verify(path, weights=synthetic)
     assert report.exit_code == 1
     assert report.first_divergence == first, report.format()
+    if bug != "bgr":
+        assert report.interface == INTERFACES["original"]
     assert len(report.hints) == 1 and hint in report.hints[0], report.hints
     assert report.format().splitlines()[-1].startswith(f"DIVERGES: first at {first}")
 
@@ -225,6 +277,19 @@ def test_bgr_graph_is_detected_as_bgr(synthetic, bug_dir):
     assert all(m.max_rel_err < 5e-5 for m in report.matched)
 
 
+def test_undeclared_bgr_graph_fails_unless_declared(synthetic, bug_dir):
+    # No metadata: an NHWC model is expected to take the card's original interface (RGB).
+    path = _with_variables(synthetic, bug_dir, "bgr", bgr_weights)
+    proto = onnx.load(str(path))
+    proto.producer_name = "someone"
+    del proto.metadata_props[:]
+    onnx.save(proto, str(path))
+    report = verify(path, weights=synthetic)
+    assert report.first_divergence == "input" and "RGB/BGR swap" in report.hints[0]
+    declared = verify(path, weights=synthetic, interface={"layout": "NHWC", "color": "BGR", "scale": "[-1,1]"})
+    assert declared.passed, declared.format()
+
+
 def test_callable_with_scale_mixup(synthetic):
     def port(x):  # expects 0-255 although it declares nothing else than our interface
         return synthetic.endpoints((x - np.float32(127.5)) / np.float32(127.5), until="layer_4")
@@ -232,7 +297,35 @@ def test_callable_with_scale_mixup(synthetic):
     report = verify(port, weights=synthetic)
     assert report.first_divergence == "input"
     assert report.interface["scale"] == "0-255"
-    assert "0-255 mix-up" in report.hints[0]
+    assert "[-1,1]/0-255 scale mix-up" in report.hints[0]
+
+
+def test_onnx_port_with_imagenet_normalization(synthetic, bug_dir):
+    # A PyTorch-style port: NCHW, fed ImageNet mean/std normalized RGB, no metadata.
+    from onnx import helper, numpy_helper
+
+    from mnv2ref.verify.interface import IMAGENET_MEAN, IMAGENET_STD
+
+    path = _export(synthetic, bug_dir / "meanstd.onnx")
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    proto.producer_name = "pytorch-port"
+    del proto.metadata_props[:]
+    graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3  # (N, 3, 96, 96)
+    graph.input[0].type.tensor_type.shape.dim[3].dim_value = SIZE
+    transpose = _node(graph, "input/to_nchw")  # the graph is NCHW inside: drop the transpose ...
+    std = numpy_helper.from_array((IMAGENET_STD * 2).reshape(1, 3, 1, 1), "std2")
+    shift = numpy_helper.from_array(((IMAGENET_MEAN * 2) - 1).reshape(1, 3, 1, 1), "mean2")
+    graph.initializer.extend([std, shift])
+    # ... and undo the normalization: x_ours = (y * std + mean) * 2 - 1
+    graph.node.remove(transpose)
+    graph.node.insert(0, helper.make_node("Mul", ["input", "std2"], ["scaled"]))
+    graph.node.insert(1, helper.make_node("Add", ["scaled", "mean2"], [transpose.output[0]]))
+    onnx.save(proto, str(path))
+    report = verify(path, weights=synthetic)
+    assert report.interface == {"layout": "NCHW", "color": "RGB", "scale": "mean-std"}
+    assert report.first_divergence == "input"
+    assert "[-1,1]/mean-std scale mix-up" in report.hints[0], report.hints
 
 
 def test_nchw_callable_passes(synthetic, x96):
@@ -258,6 +351,31 @@ def test_pytorch_dump_in_nchw_passes(synthetic, x96, ours96, bug_dir):
     assert report.interface["layout"] == "NCHW"
 
 
+def test_tensorflow_golden_file_passes(shared_dir, synthetic):
+    # TensorFlow's own values, as a dump: `input` and 7 endpoints under our names.
+    report = verify(shared_dir / "golden/synthetic_0.35_224_chelsea_ema.npz", weights=synthetic,
+                    images=[shared_dir / "images/chelsea.png"])
+    assert report.passed, report.format()
+    assert [m.name for m in report.matched] == ["input", "layer_1", "layer_2", "layer_18", "layer_19",
+                                                 "global_pool", "Logits", "Predictions"]
+
+
+def test_h5_dump_named_by_endpoint_attributes(synthetic, x96, ours96, bug_dir):
+    import h5py
+
+    path = bug_dir / "golden.h5"  # as `mnv2ref golden -o FILE.h5 --layout NCHW` writes it
+    with h5py.File(path, "w") as f:
+        f["input"] = x96.transpose(0, 3, 1, 2)
+        for name, value in ours96.items():
+            dataset = f.create_dataset(name.replace("/", "."), data=value.transpose(0, 3, 1, 2)
+                                       if value.ndim == 4 else value)
+            dataset.attrs["endpoint"] = name
+        f.attrs["endpoints"] = json.dumps(list(ours96))
+    report = verify(path, weights=synthetic)
+    assert report.passed and len(report.matched) == len(ours96) + 1, report.format()
+    assert report.interface["layout"] == "NCHW"
+
+
 def test_dump_with_pillow_resize(synthetic, bug_dir):
     from mnv2ref.resources import EXAMPLE_IMAGE
 
@@ -268,6 +386,21 @@ def test_dump_with_pillow_resize(synthetic, bug_dir):
     assert len(report.hints) == 1 and "Pillow's bilinear" in report.hints[0]
     # Everything after the input is compared on their input, so it matches.
     assert all(m.max_rel_err < 5e-5 for m in report.matched if m.name != "input")
+
+
+@pytest.mark.parametrize("kind", ["half-pixel", "torchvision"])
+def test_dump_with_other_resizes(synthetic, bug_dir, kind):
+    from mnv2ref.resources import EXAMPLE_IMAGE
+
+    description, theirs = next((k, v) for k, v in resize_variants([EXAMPLE_IMAGE], (SIZE, SIZE)).items()
+                               if kind in k)
+    if kind == "half-pixel":  # as OpenCV would give it, rounded to 8 bits
+        theirs = (np.round((theirs + 1) * 127.5) / np.float32(127.5) - 1).astype(np.float32)
+    names = {k: f"t{i}" for i, k in enumerate(["layer_1", "layer_2"])}
+    path = write_dump(bug_dir / f"{kind}.npz", theirs, synthetic.endpoints(theirs, until="layer_2"), names)
+    report = verify(path, weights=synthetic)
+    assert report.first_divergence == "input" and report.hints == [
+        f"wrong preprocessing: their input is made with {description}"]
 
 
 def test_dump_whose_first_conv_sees_bgr(synthetic, x96, ours96, bug_dir):
@@ -403,10 +536,23 @@ def test_cli_exit_codes(synthetic, synthetic_prefix, x96, ours96, bug_dir):
     assert result.returncode == 2 and "mnv2ref: error:" in result.stderr and "missing.onnx" in result.stderr
 
 
-def test_missing_runtime_names_the_extra(peers, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+def test_onnx_session_threads_and_no_spinning(peers):
+    options = load_foreign(peers / "tf2onnx_mobilenet_v2_0.35_224.onnx", threads=1).session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize("name, modules", [
+    ("tf2onnx_mobilenet_v2_0.35_224.onnx", ["onnxruntime"]),
+    ("openvino_converted_0.35_224.xml", ["openvino"]),
+    ("tflite_mobilenet_v2_0.35_224.tflite", ["ai_edge_litert", "tflite_runtime"]),
+])
+def test_missing_runtime_names_the_extra(peers, monkeypatch, name, modules):
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(MissingDependencyError, match=r'pip install "mnv2ref\[verify\]"'):
-        load_foreign(peers / "tf2onnx_mobilenet_v2_0.35_224.onnx")
+        load_foreign(peers / name)
 
 
 def test_keras_file_without_keras(peers):
@@ -419,6 +565,32 @@ def test_keras_file_without_keras(peers):
         load_foreign(peers / "keras_mobilenet_v2_0.35_224.h5")
 
 
+def test_verify_is_callable_and_a_package(synthetic):
+    import mnv2ref
+    import mnv2ref.verify as package
+
+    assert mnv2ref.verify is package and mnv2ref.verify.load_foreign is load_foreign
+    report = mnv2ref.verify(lambda x: synthetic.endpoints(x, until="layer_1"), weights=synthetic)
+    assert report.passed and [m.name for m in report.matched] == ["layer_1"]
+
+
+def test_interface_argument_parsing():
+    from mnv2ref.verify.interface import parse
+
+    assert parse("converted") == INTERFACES["converted"]
+    assert parse("NCHW,RGB,[-1,1]") == {"layout": "NCHW", "color": "RGB", "scale": "[-1,1]"}
+    assert parse("NHWC,BGR,mean-std")["scale"] == "mean-std"
+    with pytest.raises(InputError, match="LAYOUT,COLOR,SCALE"):
+        parse("NCHW,RGB")
+
+
+def test_nothing_matched_is_an_error(synthetic, x96, bug_dir):
+    path = bug_dir / "unrelated.npz"
+    np.savez(path, input=x96, features=np.zeros((1, 7, 7, 5), np.float32))
+    with pytest.raises(InputError, match="none of its tensors"):
+        verify(path, weights=synthetic)
+
+
 def test_unknown_file_type(tmp_path):
     with pytest.raises(InputError, match="expected an .onnx"):
         load_foreign(tmp_path / "model.pt")
@@ -426,9 +598,10 @@ def test_unknown_file_type(tmp_path):
 
 def test_load_foreign_predict_in_our_interface(peers, synthetic):
     foreign = load_foreign(peers / "openvino_converted_0.35_224.xml")
+    assert foreign.interface == INTERFACES["converted"]  # the card's, for an NCHW model
     x = reference_input()
-    foreign.detect_interface(synthetic, x)
-    assert foreign.interface == INTERFACES["converted"]
+    foreign.interface = INTERFACES["original"] | {"layout": "NCHW"}
+    assert foreign.detect_interface(synthetic, x) == INTERFACES["converted"] == foreign.interface
     probs = foreign.predict(x)
     assert probs.shape == (1, 1001)
     np.testing.assert_allclose(probs, synthetic.predict(x, backend="numpy"), atol=2e-6)

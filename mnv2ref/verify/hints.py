@@ -23,6 +23,8 @@ from ..architecture import BATCH_NORM_EPSILON
 from ..compare import relative_error
 
 PYTORCH_EPSILON = 1e-5
+# A resize done on 8-bit pixels rounds each to 1/255: 2/255 of the [-1, 1] range at most.
+UINT8_ROUNDING = 1e-2
 
 # Bugs applied to a layer's computation, and how they are described.
 LAYER_BUGS = {
@@ -39,10 +41,13 @@ LAYER_BUGS = {
                    "[-1, 1] ((x - 127.5) / 127.5 is missing)",
     "input_0-1": "input scale mix-up: their first conv sees [0, 1] pixels where the network expects "
                  "[-1, 1] ((x - 0.5) * 2 is missing)",
+    "input_mean-std": "input scale mix-up: their first conv sees ImageNet mean/std normalized pixels "
+                      "(PyTorch's convention) where the network expects (x - 0.5) * 2 of [0, 1] pixels",
 }
 SPREAD_BUGS = ("epsilon", "relu", "symmetric_padding")
-INPUT_BUGS = {"input_bgr": lambda x: x[..., ::-1], "input_0-255": lambda x: x * np.float32(127.5) + np.float32(127.5),
-              "input_0-1": lambda x: (x + np.float32(1)) * np.float32(0.5)}
+# What their first conv may see instead of our input: the interfaces of `interface.py`.
+INPUT_BUGS = {"input_bgr": {"color": "BGR"}, "input_0-255": {"scale": "0-255"}, "input_0-1": {"scale": "[0,1]"},
+              "input_mean-std": {"scale": "mean-std"}}
 
 
 def conv_bn(conv, x: np.ndarray, bug: Optional[str] = None) -> np.ndarray:
@@ -105,7 +110,9 @@ def recompute(model, endpoint: str, x: np.ndarray, given: dict, bug: Optional[st
     if not hasattr(operation, "spec"):
         return operation(values[0])
     if inputs == [None] and bug in INPUT_BUGS:
-        values[0] = INPUT_BUGS[bug](values[0])
+        from .interface import from_network_input
+
+        values[0] = from_network_input(values[0], **INPUT_BUGS[bug])
     return conv_bn(operation, values[0], bug)
 
 
@@ -214,23 +221,38 @@ def raw_twin(model):
 # Preprocessing ---------------------------------------------------------------
 
 def resize_variants(images, size: tuple) -> dict:
-    """{description: (N, H, W, 3) input} made with the usual wrong resizes."""
+    """{description: (N, H, W, 3) input in [-1, 1]} made with the usual wrong
+    resizes, from the images."""
     from PIL import Image
 
     from ..preprocessing import central_crop, load_image, preprocess, to_unit_float
 
-    variants = {"Pillow's bilinear resize (antialiased), not TF1's legacy bilinear": [],
-                "half-pixel-centre bilinear (TF2 tf.image.resize, OpenCV), not TF1's legacy bilinear": [],
-                "no central crop (TF-slim keeps the central 87.5%)": []}
-    keys = list(variants)
-    for path in images:
-        rgb = load_image(path)
-        crop = central_crop(rgb)
-        pil = np.asarray(Image.fromarray(crop).resize((size[1], size[0]), Image.BILINEAR))
-        variants[keys[0]].append((to_unit_float(pil) - np.float32(0.5)) * np.float32(2))
-        variants[keys[1]].append((_half_pixel_bilinear(to_unit_float(crop), size) - np.float32(0.5)) * np.float32(2))
-        variants[keys[2]].append(preprocess(rgb, size=size, central_fraction=None))
-    return {k: np.stack(v) for k, v in variants.items()}
+    def scaled(unit):
+        return (unit - np.float32(0.5)) * np.float32(2)
+
+    def pillow(rgb, height, width):
+        return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+
+    def torchvision(rgb):
+        """Resize(256) + CenterCrop(224), scaled to the size: PyTorch's ImageNet evaluation."""
+        short = round(min(size) * 256 / 224)
+        h, w = rgb.shape[:2]
+        resized = pillow(rgb, *((short, round(w * short / h)) if h <= w else (round(h * short / w), short)))
+        top, left = (resized.shape[0] - size[0]) // 2, (resized.shape[1] - size[1]) // 2
+        return resized[top:top + size[0], left:left + size[1]]
+
+    makers = {
+        "Pillow's bilinear resize (antialiased), not TF1's legacy bilinear":
+            lambda rgb: scaled(to_unit_float(pillow(central_crop(rgb), *size))),
+        "half-pixel-centre bilinear (TF2 tf.image.resize, OpenCV), not TF1's legacy bilinear":
+            lambda rgb: scaled(_half_pixel_bilinear(to_unit_float(central_crop(rgb)), size)),
+        "no central crop (TF-slim keeps the central 87.5% before resizing)":
+            lambda rgb: preprocess(rgb, size=size, central_fraction=None),
+        "torchvision's Resize(256) + CenterCrop(224), not TF-slim's central crop 87.5% + legacy bilinear":
+            lambda rgb: scaled(to_unit_float(torchvision(rgb))),
+    }
+    rgbs = [load_image(path) for path in images]
+    return {description: np.stack([make(rgb) for rgb in rgbs]) for description, make in makers.items()}
 
 
 def _half_pixel_bilinear(image: np.ndarray, size: tuple) -> np.ndarray:
@@ -245,15 +267,15 @@ def _half_pixel_bilinear(image: np.ndarray, size: tuple) -> np.ndarray:
     return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
 
 
-def explain_input(theirs_as_ours: np.ndarray, images, tolerance: float) -> list:
-    """Hints for a dump whose `input` is not our preprocessing of the images."""
-
-    hints = []
-    for description, candidate in resize_variants(images, theirs_as_ours.shape[1:3]).items():
-        if relative_error(theirs_as_ours, candidate) <= max(tolerance, 1e-3):
-            hints.append(f"wrong preprocessing: their input is made with {description}")
-    if not hints:
-        hints.append("their `input` is not TF-slim's eval preprocessing of the image(s) given "
-                     "(pass the same images with --image; check the central crop, the resize kernel "
-                     "and the scaling to [-1, 1])")
-    return hints
+def explain_input(theirs_as_ours: np.ndarray, ours: np.ndarray, images, tolerance: float) -> list:
+    """Hints for a dump whose `input` is not our preprocessing `ours` of the
+    images: the preprocessing variant that reproduces it, if one does (up to
+    the rounding of an 8-bit resize) clearly better than ours."""
+    variants = resize_variants(images, theirs_as_ours.shape[1:3])
+    errors = {description: relative_error(theirs_as_ours, candidate) for description, candidate in variants.items()}
+    description = min(errors, key=errors.get)
+    if errors[description] <= max(tolerance, UINT8_ROUNDING) and \
+            errors[description] < 0.5 * relative_error(theirs_as_ours, ours):
+        return [f"wrong preprocessing: their input is made with {description}"]
+    return ["their `input` is not TF-slim's eval preprocessing of the image(s) given (pass the same "
+            "images with --image; check the central crop, the resize kernel and the scaling to [-1, 1])"]
