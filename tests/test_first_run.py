@@ -63,6 +63,10 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.requests.append(self.path)
+        if self.path.startswith("/evil/"):
+            self.send_response(410, "Gone\n\x1b[31mred")
+            self.end_headers()
+            return
         if self.path.startswith(("/drip/", "/endless/", "/huge/")):
             self.send_response(200)
             if self.path.startswith("/huge/"):
@@ -242,8 +246,15 @@ def test_special_files_are_not_opened(tmp_path):
     _refused("file:///dev/zero", tmp_path / "out", "not a regular file")
 
 
-def test_control_characters_from_outside_are_escaped():
-    assert fetch_module.printable("Not Found\n\x1b[31mred") == "Not Found\\n\\x1b[31mred"
+def test_http_reason_with_control_characters_stays_one_line(server, tmp_path):
+    """What a server says is escaped: a reason with a newline and an escape
+    sequence cannot split the one-line error or reach the terminal raw."""
+    _, base, _ = server
+    with pytest.raises(FetchError) as caught:
+        fetch_module.fetch(0.35, 224, out_dir=tmp_path / "out", url=f"{base}/evil/x.tgz", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "HTTP 410 Gone" in message
 
 
 @pytest.mark.parametrize("declared,sparse,reason", [
