@@ -315,3 +315,24 @@ def test_fetched_files_follow_the_umask(umask_022, server, tmp_path, published_a
                                 progress=False, keep_archive=True)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in result.parent.iterdir()}
     assert modes == {f"{NAME}.h5": "0o644", f"{NAME}.tflite": "0o644", f"{NAME}.tgz": "0o644"}
+
+
+def test_sigterm_during_fetch_leaves_nothing_behind(server, tmp_path):
+    """SIGTERM is handled like Ctrl-C: the partial download is removed, one line, exit 143."""
+    import signal
+
+    _, base, _ = server
+    out = tmp_path / "w"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "mnv2ref", "fetch", "-d", "0.35", "--out", str(out),
+                             "--url", f"{base}/drip/x.tgz"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(out.glob(".*.fetch-*/*.part")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(out.glob(".*.fetch-*/*.part")), "the download never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.strip().splitlines() == ["mnv2ref: terminated"]
+    assert list(out.iterdir()) == []
