@@ -6,7 +6,6 @@ A local HTTP server on 127.0.0.1 serves an archive in the published layout
 (`./mobilenet_v2_1.0_224.ckpt.*`, `.tflite`, `_frozen.pb`, `_eval.pbtxt`,
 `_info.txt`) built from the shared `bench_mobilenet_v2_1.0_224` checkpoint."""
 
-import functools
 import gzip
 import hashlib
 import http.server
@@ -15,12 +14,12 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_http_server
 
 import mnv2ref
 from mnv2ref import fetch as fetch_module
@@ -92,19 +91,12 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def server(tmp_path):
+    """(served directory, base URL, requests seen) of a local HTTP server."""
     root = tmp_path / "served"
     root.mkdir()
     Handler.requests = []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{httpd.server_address[1]}", Handler.requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with local_http_server(root, Handler) as base:
+        yield root, base, Handler.requests
 
 
 @pytest.fixture
