@@ -61,6 +61,7 @@ from pathlib import Path
 
 from .architecture import PUBLISHED_DEPTH_MULTIPLIERS, PUBLISHED_RESOLUTIONS
 from .errors import FetchError, Mnv2refError
+from .text import printable
 
 MODEL_ZOO_URL = "https://storage.googleapis.com/mobilenet_v2/checkpoints/{name}.tgz"
 URL_ENV = "MNV2REF_FETCH_URL"
@@ -131,12 +132,6 @@ def checkpoint_url(name: str, url: str | None = None) -> str:
 # ---------------------------------------------------------------------------
 # Download
 # ---------------------------------------------------------------------------
-
-def printable(text) -> str:
-    """`text` with control characters escaped (\\n, \\x1b, ...), so that what a
-    server or an archive says cannot split a one-line error or drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
 
 def expected_archive(name: str) -> tuple:
     """(size or None, SHA-256 or None) expected of archive `name`:

@@ -4,7 +4,11 @@ The read-only test fixtures (checkpoints, images, TensorFlow goldens) live
 outside the repository, at ``$MNV2REF_SHARED`` or ``<repo>/../shared/mnv2``.
 """
 
+import contextlib
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,3 +63,19 @@ def golden(shared_dir):
     from mnv2ref.compare import load_golden
 
     return lambda name: load_golden(shared_dir / "golden" / f"{name}.npz")
+
+
+@contextlib.contextmanager
+def local_http_server(root: Path, handler):
+    """Serve `root` with `handler` (a SimpleHTTPRequestHandler subclass) on
+    127.0.0.1 from a thread; yields the base URL. Nothing leaves this machine."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

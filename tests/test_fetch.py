@@ -2,19 +2,18 @@
 HTTP server on 127.0.0.1 that serves archives built from the synthetic
 0.35/224 checkpoint in the shared fixtures (the network is never used)."""
 
-import functools
 import hashlib
 import http.server
 import io
 import os
 import socket
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_http_server
 
 from mnv2ref import fetch as fetch_module
 from mnv2ref.errors import FetchError
@@ -108,17 +107,8 @@ def server(tmp_path):
     """(served directory, base URL) of a threaded HTTP server on 127.0.0.1."""
     root = tmp_path / "served"
     root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                            functools.partial(Handler, directory=str(root)))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with local_http_server(root, Handler) as base:
+        yield root, base
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ A local HTTP server on 127.0.0.1 serves an archive in the published layout
 (`./mobilenet_v2_1.0_224.ckpt.*`, `.tflite`, `_frozen.pb`, `_eval.pbtxt`,
 `_info.txt`) built from the shared `bench_mobilenet_v2_1.0_224` checkpoint."""
 
-import functools
 import gzip
 import hashlib
 import http.server
@@ -15,12 +14,12 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_http_server
 
 import mnv2ref
 from mnv2ref import fetch as fetch_module
@@ -63,6 +62,10 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.requests.append(self.path)
+        if self.path.startswith("/evil/"):
+            self.send_response(410, "Gone\n\x1b[31mred")
+            self.end_headers()
+            return
         if self.path.startswith(("/drip/", "/endless/", "/huge/")):
             self.send_response(200)
             if self.path.startswith("/huge/"):
@@ -88,19 +91,12 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def server(tmp_path):
+    """(served directory, base URL, requests seen) of a local HTTP server."""
     root = tmp_path / "served"
     root.mkdir()
     Handler.requests = []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{httpd.server_address[1]}", Handler.requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with local_http_server(root, Handler) as base:
+        yield root, base, Handler.requests
 
 
 @pytest.fixture
@@ -242,8 +238,15 @@ def test_special_files_are_not_opened(tmp_path):
     _refused("file:///dev/zero", tmp_path / "out", "not a regular file")
 
 
-def test_control_characters_from_outside_are_escaped():
-    assert fetch_module.printable("Not Found\n\x1b[31mred") == "Not Found\\n\\x1b[31mred"
+def test_http_reason_with_control_characters_stays_one_line(server, tmp_path):
+    """What a server says is escaped: a reason with a newline and an escape
+    sequence cannot split the one-line error or reach the terminal raw."""
+    _, base, _ = server
+    with pytest.raises(FetchError) as caught:
+        fetch_module.fetch(0.35, 224, out_dir=tmp_path / "out", url=f"{base}/evil/x.tgz", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "HTTP 410 Gone" in message
 
 
 @pytest.mark.parametrize("declared,sparse,reason", [
@@ -304,3 +307,24 @@ def test_fetched_files_follow_the_umask(umask_022, server, tmp_path, published_a
                                 progress=False, keep_archive=True)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in result.parent.iterdir()}
     assert modes == {f"{NAME}.h5": "0o644", f"{NAME}.tflite": "0o644", f"{NAME}.tgz": "0o644"}
+
+
+def test_sigterm_during_fetch_leaves_nothing_behind(server, tmp_path):
+    """SIGTERM is handled like Ctrl-C: the partial download is removed, one line, exit 143."""
+    import signal
+
+    _, base, _ = server
+    out = tmp_path / "w"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "mnv2ref", "fetch", "-d", "0.35", "--out", str(out),
+                             "--url", f"{base}/drip/x.tgz"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(out.glob(".*.fetch-*/*.part")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(out.glob(".*.fetch-*/*.part")), "the download never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.strip().splitlines() == ["mnv2ref: terminated"]
+    assert list(out.iterdir()) == []
