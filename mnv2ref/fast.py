@@ -19,7 +19,9 @@ so its values are bit-identical to `run`'s, whatever the thread count.
 Threads: the kernels run on Numba's thread pool, sized by NUMBA_NUM_THREADS
 (default: all cores). `set_num_threads(n)` changes it for the calling
 thread; `FastMobileNetV2(model, num_threads=n)` or `fast.num_threads = n`
-for one model's calls. Nothing here calls BLAS, so OpenBLAS's thread pool
+for one model's calls. While other processes keep CPUs busy, fewer
+threads are used (`threads_free`; `adaptive_threads=False` turns that
+off). Nothing here calls BLAS, so OpenBLAS's thread pool
 never competes with Numba's. `kernels.py` also caps GNU OpenMP's spin-wait
 (GOMP_SPINCOUNT) unless the environment sets it: see there.
 """
@@ -34,6 +36,7 @@ import numpy as np
 
 from . import kernels as K
 from . import layers as L
+from .contention import threads_free
 from .errors import InputError
 from .interfaces import check_input
 
@@ -52,13 +55,17 @@ def get_num_threads() -> int:
 
 
 @contextlib.contextmanager
-def _threads(n: Optional[int]):
-    """Run the body on `n` threads (None: leave the setting alone)."""
-    if n is None:
+def _threads(n: Optional[int], adaptive: bool = False):
+    """Run the body on `n` threads (None: the calling thread's setting),
+    fewer if `adaptive` and other processes are busy (`threads_free`)."""
+    saved = numba.get_num_threads()
+    wanted = saved if n is None else int(n)
+    if adaptive:
+        wanted = threads_free(wanted)
+    if wanted == saved:
         yield
         return
-    saved = numba.get_num_threads()
-    numba.set_num_threads(int(n))
+    numba.set_num_threads(wanted)
     try:
         yield
     finally:
@@ -89,11 +96,14 @@ class FastMobileNetV2:
 
     `num_threads`: threads for this model's calls (None, the default: the
     calling thread's Numba setting, i.e. NUMBA_NUM_THREADS or the last
-    `set_num_threads`). It may be changed at any time."""
+    `set_num_threads`). `adaptive_threads` (default True): use fewer while
+    other processes keep CPUs busy (`threads_free`), so that a busy machine
+    makes two threads no slower than one. Both may be changed at any time."""
 
-    def __init__(self, model, num_threads: Optional[int] = None):
+    def __init__(self, model, num_threads: Optional[int] = None, adaptive_threads: bool = True):
         self.model = model
         self.num_threads = num_threads
+        self.adaptive_threads = adaptive_threads
         self.specs = model.specs
         self.layer_names = model.layer_names
         self.num_classes = model.num_classes
@@ -137,7 +147,7 @@ class FastMobileNetV2:
         x = _kernel_input(x)
         if x.dtype not in (np.float32, np.float64):
             raise InputError(f"input dtype must be float32 or float64, got {x.dtype}")
-        with _threads(self.num_threads):
+        with _threads(self.num_threads, self.adaptive_threads):
             return self._layer(self.layer_names.index(name), x, self._pack(x.dtype), capture)
 
     def _forward(self, x, until, record):
@@ -145,7 +155,7 @@ class FastMobileNetV2:
         until = until or self.layer_names[-1]
         if until not in self.layer_names:
             raise InputError(f"no layer named {until!r}; layers are {', '.join(self.layer_names)}")
-        with _threads(self.num_threads):
+        with _threads(self.num_threads, self.adaptive_threads):
             pack = self._pack(x.dtype)
             x = _kernel_input(x)
             for index, name in enumerate(self.layer_names):

@@ -1,0 +1,81 @@
+"""The fast path's run-time behaviour: fewer threads while other processes
+keep CPUs busy, and one line on stderr before a cold compile."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnv2ref import contention
+from mnv2ref import fast as F
+from mnv2ref import kernels as K
+
+REPO = Path(__file__).resolve().parent.parent
+NOTICE = "mnv2ref: compiling the Numba kernels once (about"
+
+
+@pytest.fixture
+def fresh_load_check(monkeypatch):
+    """Forget the last look at the load, so the next call looks again."""
+    monkeypatch.setattr(contention, "_load_check", [-1.0, 0])
+
+
+@pytest.mark.parametrize("busy,cpus,requested,expected", [
+    (0, 2, 2, 2), (1, 2, 2, 1), (5, 2, 2, 1), (1, 8, 4, 4), (6, 8, 4, 2), (3, 2, 1, 1)])
+def test_threads_free_leaves_the_busy_cpus(monkeypatch, fresh_load_check, busy, cpus, requested, expected):
+    monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: busy)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert contention.threads_free(requested) == expected
+
+
+def test_a_busy_process_is_seen():
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("needs Linux's /proc")
+    with contention.busy_core() as child:
+        assert child.poll() is None
+        assert contention.busy_cpus_elsewhere() >= 1
+    assert child.poll() is not None
+
+
+def test_busy_machine_uses_fewer_threads_same_results(synthetic, monkeypatch, fresh_load_check):
+    """Under load the model runs on the threads left over, and (any thread
+    count giving the same bits) returns what it returns on an idle machine."""
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 40, 40, 3)).astype(np.float32)
+    monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: 0)
+    fast = F.FastMobileNetV2(synthetic, num_threads=2)
+    idle = fast.run(x)
+    seen = []
+    monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(K, "_threads", lambda: seen.append(F.get_num_threads()) or seen[-1])
+    busy = fast.run(x)
+    assert seen and set(seen) == {1}
+    np.testing.assert_array_equal(busy, idle)
+    fast.adaptive_threads = False
+    seen.clear()
+    fast.run(x)
+    assert set(seen) == {min(2, F.numba.config.NUMBA_NUM_THREADS)}
+
+
+def _notice_in_subprocess(cache_dir=None) -> str:
+    """stderr of a child that asks whether the float32 kernels are cached
+    (without compiling them)."""
+    code = ("import numpy as np\nfrom mnv2ref import kernels as K\n"
+            "K._compile_notice(K._signatures(np.float32))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return done.stderr
+
+
+def test_cold_cache_notice(tmp_path):
+    K.compile_kernels(np.float32)  # the default cache now holds them
+    assert NOTICE not in _notice_in_subprocess()
+    lines = _notice_in_subprocess(tmp_path / "empty-cache").splitlines()
+    assert len([line for line in lines if line.startswith(NOTICE)]) == 1
+    assert lines[-1].endswith("s); later runs load them from the cache")
