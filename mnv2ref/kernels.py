@@ -67,6 +67,7 @@ Nothing here calls BLAS.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -828,6 +829,30 @@ def pack_depthwise(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> P
     return Packed("depthwise", w, np.ascontiguousarray(np.asarray(bias, dtype)), c, k)
 
 
+_recorder = threading.local()
+
+
+def _run(kernel, *args) -> None:
+    """Call a compiled kernel, and note the call if `recording`."""
+    kernel(*args)
+    steps = getattr(_recorder, "steps", None)
+    if steps is not None:
+        steps.append((kernel, args))
+
+
+@contextlib.contextmanager
+def recording():
+    """Note the kernel calls made in the body by this thread, as a list of
+    (kernel, arguments) that replays the same computation on the same
+    arrays: `for kernel, args in steps: kernel(*args)`."""
+    saved = getattr(_recorder, "steps", None)
+    _recorder.steps = steps = []
+    try:
+        yield steps
+    finally:
+        _recorder.steps = saved
+
+
 _UNUSED = {}
 
 
@@ -880,7 +905,7 @@ def pointwise_conv(x: np.ndarray, packed: Packed, relu6: bool = True, residual=N
     pixel_chunks = pixel_chunks or max(1, min(_threads(), -(-flat.shape[0] // MR)))
     as4d = lambda a: a.reshape(1, 1, *a.shape)  # noqa: E731 - the (P, C) pixels as _launch takes them
     dw, proj = _unused(packed.dtype)
-    _launch(POINTWISE, pixel_chunks * panel_chunks, as4d(flat), packed.w, packed.b, *dw, *proj,
+    _run(_launch, POINTWISE, pixel_chunks * panel_chunks, as4d(flat), packed.w, packed.b, *dw, *proj,
             as4d(out), as4d(res), as4d(out), as4d(out), 1, pixel_chunks, panel_chunks, relu6, add_res, False)
     return out.reshape(*x.shape[:-1], packed.cout)
 
@@ -896,7 +921,7 @@ def stem_conv(x: np.ndarray, packed: Packed, stride: int = 2) -> np.ndarray:
     ho, wo = same_padding(h, packed.ksize, stride)[2], same_padding(w, packed.ksize, stride)[2]
     out = np.empty((n, ho, wo, packed.cout), packed.dtype)
     dw, proj = _unused(packed.dtype)
-    _launch(STEM, n * bands_per_image(n, ho), x, packed.w, packed.b, *dw, *proj, out, out, out, out,
+    _run(_launch, STEM, n * bands_per_image(n, ho), x, packed.w, packed.b, *dw, *proj, out, out, out, out,
             stride, packed.ksize, 1, False, False, False)
     return out
 
@@ -911,7 +936,7 @@ def depthwise_conv(x: np.ndarray, packed: Packed, stride: int = 1, relu6: bool =
     ho, wo = same_padding(h, 3, stride)[2], same_padding(w, 3, stride)[2]
     out = np.empty((n, ho, wo, c), packed.dtype)
     _, gemm = _unused(packed.dtype)
-    _launch(DEPTHWISE, n * bands_per_image(n, ho), x, *gemm, packed.w, packed.b, *gemm, out, out, out,
+    _run(_launch, DEPTHWISE, n * bands_per_image(n, ho), x, *gemm, packed.w, packed.b, *gemm, out, out, out,
             out, stride, 1, 1, relu6, False, False)
     return out
 
@@ -944,7 +969,7 @@ def inverted_residual(x: np.ndarray, expand, depthwise: Packed, project: Packed,
     else:
         exp_out = dw_out = proj_out = out
     bands = bands or bands_per_image(n, ho)
-    _launch(BLOCK, n * bands, x, expand.w, expand.b, depthwise.w, depthwise.b, project.w, project.b,
+    _run(_launch, BLOCK, n * bands, x, expand.w, expand.b, depthwise.w, depthwise.b, project.w, project.b,
             out, exp_out, dw_out, proj_out, stride, 1, 1, has_expand, residual, capture)
     if not capture:
         return out
@@ -956,5 +981,5 @@ def global_avg_pool(x: np.ndarray) -> np.ndarray:
     compile_kernels(x.dtype)
     x = np.ascontiguousarray(x)
     out = np.empty((x.shape[0], x.shape[3]), x.dtype)
-    _global_avg_pool(x, out)
+    _run(_global_avg_pool, x, out)
     return out.reshape(x.shape[0], 1, 1, x.shape[3])

@@ -45,6 +45,7 @@ def test_busy_machine_uses_fewer_threads_same_results(synthetic, monkeypatch, fr
     count giving the same bits) returns what it returns on an idle machine."""
     x = np.random.default_rng(0).uniform(-1, 1, (2, 40, 40, 3)).astype(np.float32)
     monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: 0)
+    monkeypatch.setattr(F, "_REPLAY_MAX_PIXELS", 0)  # every call through the layers, which K._threads sees
     fast = F.FastMobileNetV2(synthetic, num_threads=2)
     idle = fast.run(x)
     seen = []
@@ -83,3 +84,34 @@ def test_cold_cache_notice(tmp_path):
     lines = _compile_in_subprocess(tmp_path / "empty-cache").splitlines()
     assert len([line for line in lines if line.startswith(NOTICE)]) == 1
     assert lines[-1].endswith("s); later runs load them from the cache")
+
+
+@pytest.mark.parametrize("until", [None, "layer_4", "global_pool"])
+def test_replay_gives_the_bits_of_a_fresh_run(synthetic, until):
+    """Later inputs of a shape are replayed into the first one's buffers: each
+    result is what the layer-by-layer path gives, and owns its memory."""
+    fast = F.FastMobileNetV2(synthetic, num_threads=1)
+    pack = fast._pack(np.float32)
+    rng = np.random.default_rng(3)
+    xs = [rng.uniform(-1, 1, (2, 48, 40, 3)).astype(np.float32) for _ in range(3)]
+    results = [fast.run(x, until) for x in xs]
+    assert len(fast._replays.__dict__) == 1
+    for x, result in zip(xs, results):
+        expected = fast._layers(x, until or "Predictions", pack, None)
+        np.testing.assert_array_equal(result, expected)
+    assert not np.array_equal(results[0], results[1])
+    results[2][...] = 0  # the caller's array, not a buffer of the replay
+    np.testing.assert_array_equal(fast.run(xs[1], until), results[1])
+
+
+def test_replays_are_per_calling_thread(synthetic):
+    from concurrent.futures import ThreadPoolExecutor
+
+    fast = F.FastMobileNetV2(synthetic, num_threads=1)
+    rng = np.random.default_rng(4)
+    xs = [rng.uniform(-1, 1, (1, 40, 40, 3)).astype(np.float32) for _ in range(8)]
+    expected = [fast.run(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(fast.run, xs), expected):
+                np.testing.assert_array_equal(got, want)
