@@ -15,6 +15,9 @@ through one fused kernel (the 6x expanded tensor is never written out);
 smaller ones run as three kernels, which is faster there (`fuse_block`).
 `endpoints` uses the same kernels and also writes the intermediate tensors,
 so its values are bit-identical to `run`'s, whatever the thread count.
+`run` on small inputs (up to two 224x224 images) replays the kernel calls
+recorded on the first input of that shape (`_Replay`), so Python's
+per-layer work is done once per shape.
 
 Threads: the kernels run on Numba's thread pool, sized by NUMBA_NUM_THREADS
 (default: all cores). `set_num_threads(n)` changes it for the calling

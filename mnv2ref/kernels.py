@@ -47,7 +47,7 @@ Layout of the work
   so each multiply-add costs one load.
 * The stem (3x3, stride 2, 3 input channels) gathers each output row's
   patches (im2col, Wo x 27) and multiplies them with `_gemm`.
-* `_inverted_residual` streams a whole block: for each output row it
+* `_inverted_residual_task` streams a whole block: for each output row it
   expands the one (stride 1) or two (stride 2) new input rows it needs into
   a ring of three zero-bordered rows, runs the depthwise conv on the ring
   and projects the result, adding the residual in the epilogue, so the
@@ -58,11 +58,45 @@ Layout of the work
 Every conv adds the bias after its sum, then applies ReLU6 (when asked),
 then adds the residual, in that order, as the unfolded NumPy layers do.
 
-Parallelism: each kernel takes the number of independent tasks to split its
-work into (bands of output rows times the batch, or pixels times output
-channels for a GEMM), run on Numba's threads (`numba.set_num_threads`). The
-split never changes the arithmetic, so any thread count gives the same bits.
-Nothing here calls BLAS.
+Parallelism: each kind of work is split into independent tasks (bands of
+output rows times the batch, or pixels times output channels for a GEMM),
+run by one parallel kernel, `_launch`, on Numba's threads
+(`numba.set_num_threads`). The split never changes the arithmetic, so any
+thread count gives the same bits. Nothing here calls BLAS.
+
+Compilation and launches
+------------------------
+A cold start compiled every kernel from an empty cache before the first
+prediction: 27.5 s of CPU on the 2-core AMD EPYC (Zen 4) under the shared
+load of the day, 11-24 s of wall time on a quiet machine. Most of it was
+LLVM optimising the same code again: Numba links every function a kernel
+calls into that kernel and optimises the whole, so the GEMM tile was
+compiled in 4 literal-argument variants, each optimised again in every
+parallel kernel that called it. Now (`_signatures`, `compile_kernels`) the
+row functions and the four task functions are compiled once each, callees
+first, with explicit signatures; one parallel kernel, `_launch`, calls the
+tasks, and is compiled at LLVM's -O1 (it only calls optimised code, so the
+full level would only optimise that again); a warm start loads `_launch`
+and the pool alone. Measured, same machine and load: 27.5 -> 13-18 s of
+CPU to the first prediction, warm start unchanged (1.1-1.4 s of CPU).
+Per layer the kernels run as fast as before (A/B in one process,
+alternating: 1.00-1.03x), given a second GEMM variant with the stem's and
+the expansions' constant epilogue flags (without it those layers were
+7-23% slower, their short sums leaving the epilogue a large share).
+
+From XNNPACK and OpenVINO: XNNPACK's runtime separates reshape/setup (work
+out every operator's arguments and buffers once per input shape) from
+invoke (call the micro-kernels); `fast.py` does the same for small inputs
+(`_Replay`): the kernel calls of one forward pass are recorded and replayed,
+which halved the Python time between kernels (0.7 -> 0.37 ms per 224x224
+image, measured under load; ~10% of a 2-thread image). (XNNPACK also plans
+one memory arena for all intermediate tensors; the replay keeps one buffer
+per tensor.) OpenVINO (TBB) and XNNPACK (pthreadpool) fork and join per
+operator as these kernels do; OpenVINO's 2-thread latency with one core
+kept busy was 1.4x its 1-thread latency that day. Here the fast path uses
+fewer threads while other processes keep CPUs busy
+(`contention.threads_free`): 2 threads with a busy core then cost what 1
+does (35 ms against 35 ms that day; before: 73 ms against 28).
 """
 
 from __future__ import annotations
@@ -118,6 +152,8 @@ DTYPES = (np.float32, np.float64)
 # limit keeps the idle-machine latency (5.7 ms) and caps the busy case at
 # ~35 ms. libgomp reads this once, when Numba first starts its threads, and
 # an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+# (`fast.py` goes further and runs on fewer threads while another process
+# is busy: `contention.threads_free`.)
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
@@ -721,7 +757,7 @@ _compile_lock = threading.Lock()
 
 # Seconds to compile every kernel for one dtype from an empty cache, on the
 # 2-core AMD EPYC (Zen 4) this project is measured on, for the notice.
-COLD_COMPILE_S = 9
+COLD_COMPILE_S = 10
 
 
 def _in_cache(kernel, signature) -> bool:
