@@ -96,6 +96,10 @@ def test_replay_gives_the_bits_of_a_fresh_run(synthetic, until):
     xs = [rng.uniform(-1, 1, (2, 48, 40, 3)).astype(np.float32) for _ in range(3)]
     results = [fast.run(x, until) for x in xs]
     assert len(fast._replays.__dict__) == 1
+    replay = next(iter(fast._replays.__dict__.values()))
+    buffers = {id(F._owner(arg)) for _, args, _ in replay.steps for arg in args
+               if isinstance(arg, np.ndarray) and F._owner(arg).dtype == np.uint8}
+    assert 2 <= len(buffers) <= 4 < len(replay.steps)  # the tensors share a few buffers
     for x, result in zip(xs, results):
         expected = fast._layers(x, until or "Predictions", pack, None)
         np.testing.assert_array_equal(result, expected)
