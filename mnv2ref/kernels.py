@@ -47,7 +47,7 @@ Layout of the work
   so each multiply-add costs one load.
 * The stem (3x3, stride 2, 3 input channels) gathers each output row's
   patches (im2col, Wo x 27) and multiplies them with `_gemm`.
-* `_inverted_residual` streams a whole block: for each output row it
+* `_inverted_residual_task` streams a whole block: for each output row it
   expands the one (stride 1) or two (stride 2) new input rows it needs into
   a ring of three zero-bordered rows, runs the depthwise conv on the ring
   and projects the result, adding the residual in the epilogue, so the
@@ -58,17 +58,53 @@ Layout of the work
 Every conv adds the bias after its sum, then applies ReLU6 (when asked),
 then adds the residual, in that order, as the unfolded NumPy layers do.
 
-Parallelism: each kernel takes the number of independent tasks to split its
-work into (bands of output rows times the batch, or pixels times output
-channels for a GEMM), run on Numba's threads (`numba.set_num_threads`). The
-split never changes the arithmetic, so any thread count gives the same bits.
-Nothing here calls BLAS.
+Parallelism: each kind of work is split into independent tasks (bands of
+output rows times the batch, or pixels times output channels for a GEMM),
+run by one parallel kernel, `_launch`, on Numba's threads
+(`numba.set_num_threads`). The split never changes the arithmetic, so any
+thread count gives the same bits. Nothing here calls BLAS.
+
+Compilation and launches
+------------------------
+A cold start compiled every kernel from an empty cache before the first
+prediction: 27.5 s of CPU on the 2-core AMD EPYC (Zen 4) under the shared
+load of the day, 11-24 s of wall time on a quiet machine. Most of it was
+LLVM optimising the same code again: Numba links every function a kernel
+calls into that kernel and optimises the whole, so the GEMM tile was
+compiled in 4 literal-argument variants, each optimised again in every
+parallel kernel that called it. Now (`_signatures`, `compile_kernels`) the
+row functions and the four task functions are compiled once each, callees
+first, with explicit signatures; one parallel kernel, `_launch`, calls the
+tasks, and is compiled at LLVM's -O1 (it only calls optimised code, so the
+full level would only optimise that again); a warm start loads `_launch`
+and the pool alone. Measured, same machine and load: 27.5 -> 13-18 s of
+CPU to the first prediction, warm start unchanged (1.1-1.4 s of CPU).
+Per layer the kernels run as fast as before (A/B in one process,
+alternating: 1.00-1.03x), given a second GEMM variant with the stem's and
+the expansions' constant epilogue flags (without it those layers were
+7-23% slower, their short sums leaving the epilogue a large share).
+
+From XNNPACK and OpenVINO: XNNPACK's runtime separates reshape/setup (work
+out every operator's arguments and buffers once per input shape) from
+invoke (call the micro-kernels); `fast.py` does the same for small inputs
+(`_Replay`): the kernel calls of one forward pass are recorded and replayed,
+which halved the Python time between kernels (0.7 -> 0.37 ms per 224x224
+image, measured under load; ~10% of a 2-thread image). (XNNPACK also plans
+one memory arena for all intermediate tensors; the replay keeps one buffer
+per tensor.) OpenVINO (TBB) and XNNPACK (pthreadpool) fork and join per
+operator as these kernels do; OpenVINO's 2-thread latency with one core
+kept busy was 1.4x its 1-thread latency that day. Here the fast path uses
+fewer threads while other processes keep CPUs busy
+(`contention.threads_free`): 2 threads with a busy core then cost what 1
+does (35 ms against 35 ms that day; before: 73 ms against 28).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -116,6 +152,8 @@ DTYPES = (np.float32, np.float64)
 # limit keeps the idle-machine latency (5.7 ms) and caps the busy case at
 # ~35 ms. libgomp reads this once, when Numba first starts its threads, and
 # an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+# (`fast.py` goes further and runs on fewer threads while another process
+# is busy: `contention.threads_free`.)
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
@@ -158,6 +196,21 @@ def _wide_vectors(typingctx):
         # llvmlite's attribute set knows no string attributes: add them raw.
         set.add(attributes, '"prefer-vector-width"="512"')
         set.add(attributes, '"min-legal-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def _never_inline(typingctx):
+    """Keep LLVM from inlining the calling function into its callers.
+
+    For the task functions `_launch` calls: they are optimised once, in
+    their own compilation, and `_launch`'s loop body only calls them (one
+    call per task), so there is nothing to gain from copying their code
+    into it, and compiling `_launch` stays cheap."""
+    def codegen(context, builder, signature, args):
+        builder.function.attributes.add("noinline")
         return context.get_dummy_value()
 
     return types.none(), codegen
@@ -319,33 +372,33 @@ def _gemm(x, p0, count, wp, bp, nb0, nb1, out, q0, relu6, res, add_res, pre, sto
                                 out[q, n0 + j] = v
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def _pointwise(x, wp, bp, out, relu6, res, add_res, pixel_chunks, panel_chunks):
-    """out = epilogue(x @ W + b) for a whole tensor, x: (P, K) -> out: (P, N).
-
-    The work is split into pixel_chunks x panel_chunks tasks: splitting the
-    pixels suits large images, splitting the output channels (so each thread
-    reads only part of W) suits the 7x7 and 14x14 layers and the logits."""
+@njit(cache=True, fastmath=FASTMATH)
+def _pointwise_task(task, x, wp, bp, out, relu6, res, add_res, pixel_chunks, panel_chunks):
+    """Task `task` of out = epilogue(x @ W + b) for a whole tensor,
+    x: (P, K) -> out: (P, N), split into pixel_chunks x panel_chunks tasks:
+    splitting the pixels suits large images, splitting the output channels
+    (so each thread reads only part of W) suits the 7x7 and 14x14 layers
+    and the logits."""
+    _never_inline()
     tiles = (x.shape[0] + MR - 1) // MR
     panels = wp.shape[0]
-    for task in prange(pixel_chunks * panel_chunks):
-        pc = task // panel_chunks
-        nc = task % panel_chunks
-        p0 = pc * tiles // pixel_chunks * MR
-        p1 = min((pc + 1) * tiles // pixel_chunks * MR, x.shape[0])
-        nb0 = nc * panels // panel_chunks
-        nb1 = (nc + 1) * panels // panel_chunks
-        if p1 > p0 and nb1 > nb0:
-            _gemm(x, p0, p1 - p0, wp, bp, nb0, nb1, out, p0, relu6, res, add_res, out, False)
+    pc = task // panel_chunks
+    nc = task % panel_chunks
+    p0 = pc * tiles // pixel_chunks * MR
+    p1 = min((pc + 1) * tiles // pixel_chunks * MR, x.shape[0])
+    nb0 = nc * panels // panel_chunks
+    nb1 = (nc + 1) * panels // panel_chunks
+    if p1 > p0 and nb1 > nb0:
+        _gemm(x, p0, p1 - p0, wp, bp, nb0, nb1, out, p0, relu6, res, add_res, out, False)
 
 
 # ---------------------------------------------------------------------------
 # The stem: a full 3x3 stride-2 conv on the image, via im2col + the GEMM tile.
 # ---------------------------------------------------------------------------
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def _stem(x, wp, bp, ksize, stride, out, chunks):
-    """out = relu6(conv2d(x, W, stride, SAME) + b).
+@njit(cache=True, fastmath=FASTMATH)
+def _stem_task(task, x, wp, bp, ksize, stride, out, chunks):
+    """Task `task` of `chunks` of out = relu6(conv2d(x, W, stride, SAME) + b).
 
     x: (N, H, W, Cin); wp: (NB, ksize*ksize*Cin, NR) packed from the
     (k, k, Cin, Cout) kernel flattened in (i, j, c) order; out: (N, Ho, Wo, Cout).
@@ -353,47 +406,47 @@ def _stem(x, wp, bp, ksize, stride, out, chunks):
     gathers the Wo patches into `patches` (Wo, k*k*Cin), zero where the
     window hangs over the TF SAME padding, and multiplies them by W.
     """
+    _never_inline()
     n_img, h, w, cin = x.shape
     ho, wo = out.shape[1], out.shape[2]
     top = max((ho - 1) * stride + ksize - h, 0) // 2
     left = max((wo - 1) * stride + ksize - w, 0) // 2
     zero = x.dtype.type(0)
     per_image = chunks // n_img
-    for task in prange(chunks):
-        img = task // per_image
-        band = task % per_image
-        oy0 = band * ho // per_image
-        oy1 = (band + 1) * ho // per_image
-        patches = np.empty((wo, ksize * ksize * cin), x.dtype)
-        run = ksize * cin  # one kernel row of a patch: contiguous in x
-        for oy in range(oy0, oy1):
-            for i in range(ksize):
-                iy = oy * stride + i - top
-                row_inside = 0 <= iy < h
-                src = x[img, min(max(iy, 0), h - 1)].reshape(w * cin)
-                for ox in range(wo):
-                    ix0 = ox * stride - left
-                    dst = i * run
-                    if row_inside and ix0 >= 0 and ix0 + ksize <= w:
-                        # Interior: copy ksize * cin contiguous values. The
-                        # 3x3x3 stem's 9 as a constant-length copy, unrolled
-                        # to two vector moves: the stem 0.36 -> 0.31 ms.
-                        s0 = np.uintp(ix0 * cin)
-                        d0 = np.uintp(dst)
-                        if run == 9:
-                            for e in range(_U9):
-                                patches[ox, d0 + e] = src[s0 + e]
-                        else:
-                            for e in range(run):
-                                patches[ox, dst + e] = src[ix0 * cin + e]
+    img = task // per_image
+    band = task % per_image
+    oy0 = band * ho // per_image
+    oy1 = (band + 1) * ho // per_image
+    patches = np.empty((wo, ksize * ksize * cin), x.dtype)
+    run = ksize * cin  # one kernel row of a patch: contiguous in x
+    for oy in range(oy0, oy1):
+        for i in range(ksize):
+            iy = oy * stride + i - top
+            row_inside = 0 <= iy < h
+            src = x[img, min(max(iy, 0), h - 1)].reshape(w * cin)
+            for ox in range(wo):
+                ix0 = ox * stride - left
+                dst = i * run
+                if row_inside and ix0 >= 0 and ix0 + ksize <= w:
+                    # Interior: copy ksize * cin contiguous values. The
+                    # 3x3x3 stem's 9 as a constant-length copy, unrolled
+                    # to two vector moves: the stem 0.36 -> 0.31 ms.
+                    s0 = np.uintp(ix0 * cin)
+                    d0 = np.uintp(dst)
+                    if run == 9:
+                        for e in range(_U9):
+                            patches[ox, d0 + e] = src[s0 + e]
                     else:
-                        # Border: zero where the window leaves the image.
-                        for j in range(ksize):
-                            inside = row_inside and 0 <= ix0 + j < w
-                            for c in range(cin):
-                                patches[ox, dst + j * cin + c] = src[(ix0 + j) * cin + c] if inside else zero
-            row = out[img, oy]
-            _gemm(patches, 0, wo, wp, bp, 0, wp.shape[0], row, 0, True, row, False, row, False)
+                        for e in range(run):
+                            patches[ox, dst + e] = src[ix0 * cin + e]
+                else:
+                    # Border: zero where the window leaves the image.
+                    for j in range(ksize):
+                        inside = row_inside and 0 <= ix0 + j < w
+                        for c in range(cin):
+                            patches[ox, dst + j * cin + c] = src[(ix0 + j) * cin + c] if inside else zero
+        row = out[img, oy]
+        _gemm(patches, 0, wo, wp, bp, 0, wp.shape[0], row, 0, True, row, False, row, False)
 
 
 # ---------------------------------------------------------------------------
@@ -497,48 +550,48 @@ def _copy_rows(src, src_row, dst, dst_row, rows):
         d[d0 + e] = s[s0 + e]
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def _depthwise(x, wd, bd, stride, relu6, out, chunks):
-    """out = relu6(depthwise_conv2d(x, W, stride, SAME) + b), 3x3.
+@njit(cache=True, fastmath=FASTMATH)
+def _depthwise_task(task, x, wd, bd, stride, relu6, out, chunks):
+    """Task `task` of `chunks` of out = relu6(depthwise_conv2d(x, W, stride, SAME) + b), 3x3.
 
     x: (N, H, W, C); wd: (9, C); bd: (C,); out: (N, Ho, Wo, C).
     Input rows are copied into a 3-row ring of zero-bordered buffers
     (W + 2, C), each row once per task, so `_dw_row` needs no bounds checks.
     """
+    _never_inline()
     n_img, h, w, c_all = x.shape
     ho = out.shape[1]
     wo = out.shape[2]
     top = max((ho - 1) * stride + 3 - h, 0) // 2
     left = max((wo - 1) * stride + 3 - w, 0) // 2
     per_image = chunks // n_img
-    for task in prange(chunks):
-        img = task // per_image
-        band = task % per_image
-        oy0 = band * ho // per_image
-        oy1 = (band + 1) * ho // per_image
-        ring = np.zeros((3, w + 2, c_all), x.dtype)
-        zrow = np.zeros((w + 2, c_all), x.dtype)
-        held = np.full(3, -1, np.int64)  # input row held by each ring slot
-        for oy in range(oy0, oy1):
-            for i in range(3):
-                iy = oy * stride + i - top
-                if 0 <= iy < h and held[iy % 3] != iy:
-                    _copy_rows(x[img, iy], 0, ring[iy % 3], 1, w)
-                    held[iy % 3] = iy
-            iy = oy * stride - top
-            r0 = ring[iy % 3] if 0 <= iy < h else zrow
-            r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
-            r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
-            _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, out[img, oy], relu6)
+    img = task // per_image
+    band = task % per_image
+    oy0 = band * ho // per_image
+    oy1 = (band + 1) * ho // per_image
+    ring = np.zeros((3, w + 2, c_all), x.dtype)
+    zrow = np.zeros((w + 2, c_all), x.dtype)
+    held = np.full(3, -1, np.int64)  # input row held by each ring slot
+    for oy in range(oy0, oy1):
+        for i in range(3):
+            iy = oy * stride + i - top
+            if 0 <= iy < h and held[iy % 3] != iy:
+                _copy_rows(x[img, iy], 0, ring[iy % 3], 1, w)
+                held[iy % 3] = iy
+        iy = oy * stride - top
+        r0 = ring[iy % 3] if 0 <= iy < h else zrow
+        r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
+        r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
+        _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, out[img, oy], relu6)
 
 
 # ---------------------------------------------------------------------------
 # A whole inverted-residual block, streamed by output rows.
 # ---------------------------------------------------------------------------
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def _inverted_residual(x, we, be, has_expand, wd, bd, wp, bp, stride, residual, out,
-                       exp_out, dw_out, proj_out, capture, chunks):
+@njit(cache=True, fastmath=FASTMATH)
+def _inverted_residual_task(task, x, we, be, has_expand, wd, bd, wp, bp, stride, residual, out,
+                            exp_out, dw_out, proj_out, capture, chunks):
     """out = project(depthwise(expand(x))) (+ x), never materialising the
     expanded tensor unless asked to.
 
@@ -556,52 +609,91 @@ def _inverted_residual(x, we, be, has_expand, wd, bd, wp, bp, stride, residual, 
     depthwise conv into `dw` (Wo, Cexp) and projects that row into `out`.
     Neighbouring bands recompute the 1-2 expanded rows they share.
     """
+    _never_inline()
     n_img, h, w = x.shape[:3]
     ho, wo = out.shape[1], out.shape[2]
     c_exp = wd.shape[1]
     top = max((ho - 1) * stride + 3 - h, 0) // 2
     left = max((wo - 1) * stride + 3 - w, 0) // 2
     per_image = chunks // n_img
-    for task in prange(chunks):
-        img = task // per_image
-        band = task % per_image
-        oy0 = band * ho // per_image
-        oy1 = (band + 1) * ho // per_image
-        # Expanded input rows this band writes to exp_out: each row is
-        # written by exactly one band.
-        own0 = oy0 * stride
-        own1 = h if oy1 == ho else oy1 * stride
-        ring = np.zeros((3, w + 2, c_exp), x.dtype)
-        zrow = np.zeros((w + 2, c_exp), x.dtype)
-        dw = np.empty((wo, c_exp), x.dtype)
-        held = np.full(3, -1, np.int64)
-        for oy in range(oy0, oy1):
-            for i in range(3):
-                iy = oy * stride + i - top
-                if 0 <= iy < h and held[iy % 3] != iy:
-                    slot = ring[iy % 3]
-                    src = x[img, iy]
-                    if has_expand:
-                        # Expanded pixel ix lands in buffer column ix + 1.
-                        _gemm(src, 0, w, we, be, 0, we.shape[0], slot, 1, True, slot, False, slot, False)
-                        if capture and own0 <= iy < own1:
-                            _copy_rows(slot, 1, exp_out[img, iy], 0, w)
-                    else:
-                        _copy_rows(src, 0, slot, 1, w)
-                    held[iy % 3] = iy
-            iy = oy * stride - top
-            r0 = ring[iy % 3] if 0 <= iy < h else zrow
-            r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
-            r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
-            _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, dw, True)
-            if capture:
-                _copy_rows(dw, 0, dw_out[img, oy], 0, wo)
-            row = out[img, oy]
-            # The residual is read from the block input, same row and columns.
-            shortcut = x[img, oy] if residual else row
-            pre = proj_out[img, oy] if capture and residual else row
-            _gemm(dw, 0, wo, wp, bp, 0, wp.shape[0], row, 0, False, shortcut, residual,
-                  pre, capture and residual)
+    img = task // per_image
+    band = task % per_image
+    oy0 = band * ho // per_image
+    oy1 = (band + 1) * ho // per_image
+    # Expanded input rows this band writes to exp_out: each row is
+    # written by exactly one band.
+    own0 = oy0 * stride
+    own1 = h if oy1 == ho else oy1 * stride
+    ring = np.zeros((3, w + 2, c_exp), x.dtype)
+    zrow = np.zeros((w + 2, c_exp), x.dtype)
+    dw = np.empty((wo, c_exp), x.dtype)
+    held = np.full(3, -1, np.int64)
+    for oy in range(oy0, oy1):
+        for i in range(3):
+            iy = oy * stride + i - top
+            if 0 <= iy < h and held[iy % 3] != iy:
+                slot = ring[iy % 3]
+                src = x[img, iy]
+                if has_expand:
+                    # Expanded pixel ix lands in buffer column ix + 1.
+                    _gemm(src, 0, w, we, be, 0, we.shape[0], slot, 1, True, slot, False, slot, False)
+                    if capture and own0 <= iy < own1:
+                        _copy_rows(slot, 1, exp_out[img, iy], 0, w)
+                else:
+                    _copy_rows(src, 0, slot, 1, w)
+                held[iy % 3] = iy
+        iy = oy * stride - top
+        r0 = ring[iy % 3] if 0 <= iy < h else zrow
+        r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
+        r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
+        _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, dw, True)
+        if capture:
+            _copy_rows(dw, 0, dw_out[img, oy], 0, wo)
+        row = out[img, oy]
+        # The residual is read from the block input, same row and columns.
+        shortcut = x[img, oy] if residual else row
+        pre = proj_out[img, oy] if capture and residual else row
+        _gemm(dw, 0, wo, wp, bp, 0, wp.shape[0], row, 0, False, shortcut, residual,
+              pre, capture and residual)
+
+
+# ---------------------------------------------------------------------------
+# One parallel kernel for all of the above.
+# ---------------------------------------------------------------------------
+
+POINTWISE, STEM, DEPTHWISE, BLOCK = 0, 1, 2, 3  # kinds of work for _launch
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def _launch(kind, tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b, out, aux1, aux2, aux3,
+            stride, n1, n2, flag1, flag2, flag3):
+    """Run `tasks` tasks of one kind of work on Numba's threads.
+
+    One parallel kernel rather than one per kind: each parallel kernel
+    links (and LLVM optimises again) every row function it calls, which
+    made a cold start compile the GEMM tile four times. All tensors are 4-D
+    (a pointwise layer's (P, K) pixels as (1, 1, P, K)); arguments a kind
+    does not use may be any array of the right type.
+
+    kind       x, out          weights               aux1, aux2, aux3        n1, n2 / flag1, flag2, flag3
+    POINTWISE  pixels          gemm (the 1x1 conv)   residual, -, -          pixel, panel chunks / relu6, add residual, -
+    STEM       image, output   gemm (k*k*Cin rows)   -                       kernel size, - / -
+    DEPTHWISE  input, output   dw                    -                       - / relu6
+    BLOCK      input, output   gemm (expand), dw,    expansion, depthwise,   - / has expand, residual, capture
+                               proj                  projection outputs
+    """
+    for task in prange(tasks):
+        if kind == POINTWISE:
+            p, k, n = x.shape[2], x.shape[3], out.shape[3]
+            _pointwise_task(task, x.reshape((p, k)), gemm_w, gemm_b, out.reshape((p, n)), flag1,
+                            aux1.reshape((p, n)), flag2, n1, n2)
+        elif kind == STEM:
+            _stem_task(task, x, gemm_w, gemm_b, n1, stride, out, tasks)
+        elif kind == DEPTHWISE:
+            _depthwise_task(task, x, dw_w, dw_b, stride, flag1, out, tasks)
+        else:
+            _inverted_residual_task(task, x, gemm_w, gemm_b, flag1, dw_w, dw_b, proj_w, proj_b, stride,
+                                    flag2, out, aux1, aux2, aux3, flag3, tasks)
 
 
 # ---------------------------------------------------------------------------
@@ -632,17 +724,57 @@ def _signatures(dtype) -> dict:
     f = numba.from_dtype(np.dtype(dtype))
     a1, a2, a3, a4 = (types.Array(f, nd, "C") for nd in (1, 2, 3, 4))
     i, b = types.int64, types.boolean
+    # Callees before callers, with plain (non-literal) argument types: the
+    # callers then link these compiled versions instead of compiling one
+    # specialisation per constant argument (4 of _gemm, 3 of _copy_rows).
+    # The exception: the GEMM for the expansions and the stem (ReLU6, no
+    # residual, no second output), whose short sums (K = 16..32) make the
+    # epilogue a large share of the work: with the flags constant, LLVM
+    # drops their branches (measured: those layers 7-20% faster).
+    relu6_only = (a2, i, i, a3, a1, i, i, a2, i, types.literal(True), a2, types.literal(False), a2,
+                  types.literal(False))
     return {
-        _pointwise: (a2, a3, a1, a2, b, a2, b, i, i),
-        _stem: (a4, a3, a1, i, i, a4, i),
-        _depthwise: (a4, a2, a1, i, b, a4, i),
-        _inverted_residual: (a4, a3, a1, b, a2, a1, a3, a1, i, b, a4, a4, a4, a4, b, i),
+        _gemm: [(a2, i, i, a3, a1, i, i, a2, i, b, a2, b, a2, b), relu6_only],
+        _dw_row: (a2, a2, a2, i, i, a2, a1, a2, b),
+        _copy_rows: (a2, i, a2, i, i),
+        _pointwise_task: (i, a2, a3, a1, a2, b, a2, b, i, i),
+        _stem_task: (i, a4, a3, a1, i, i, a4, i),
+        _depthwise_task: (i, a4, a2, a1, i, b, a4, i),
+        _inverted_residual_task: (i, a4, a3, a1, b, a2, a1, a3, a1, i, b, a4, a4, a4, a4, b, i),
+        _launch: (i, i, a4, a3, a1, a2, a1, a3, a1, a4, a4, a4, a4, i, i, i, b, b, b),
         _global_avg_pool: (a4, a2),
     }
 
 
+# Kernels that only call compiled code: LLVM's cheapest optimisation level
+# suffices for their own few lines, and it spares optimising again (at the
+# full level, 5-12 s) the linked functions, which are optimised already.
+_LINK_ONLY = {_launch}
+
+
 _compiled = set()
 _compile_lock = threading.Lock()
+
+# Seconds to compile every kernel for one dtype from an empty cache, on the
+# 2-core AMD EPYC (Zen 4) this project is measured on, for the notice.
+COLD_COMPILE_S = 10
+
+
+def _in_cache(kernel, signature) -> bool:
+    """Is `kernel` compiled for `signature` in Numba's on-disk cache? (Asked
+    the way Dispatcher.compile asks it; True if Numba's internals differ.)"""
+    try:
+        cache = kernel._cache
+        key = cache._index_key(signature, kernel.targetctx.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:  # an internal API: never let it stop a prediction
+        return True
+
+
+def _compile_notice() -> None:
+    """One line on stderr before a cold compile, saying how long it takes."""
+    print(f"mnv2ref: compiling the Numba kernels once (about {COLD_COMPILE_S} s); "
+          "later runs load them from the cache", file=sys.stderr, flush=True)
 
 
 def compile_kernels(dtype=np.float32) -> None:
@@ -654,7 +786,9 @@ def compile_kernels(dtype=np.float32) -> None:
     compilation in the process sees it. Afterwards the kernels' compilation
     is disabled: a lazily compiled specialisation would lack the SLP
     vectorizer (and be saved to the on-disk cache for later processes), so
-    a call with unexpected argument types raises a TypeError instead."""
+    a call with unexpected argument types raises a TypeError instead.
+    When the kernels are missing from the cache, one line on stderr says so
+    before compiling (`_compile_notice`)."""
     dtype = np.dtype(dtype).type
     if dtype in _compiled:
         return
@@ -664,18 +798,26 @@ def compile_kernels(dtype=np.float32) -> None:
         if dtype in _compiled:
             return
         signatures = _signatures(dtype)
+        if _in_cache(_launch, signatures[_launch]):
+            # Warm: the kernels Python calls hold the code of all they call.
+            signatures = {kernel: signatures[kernel] for kernel in (_launch, _global_avg_pool)}
+        else:
+            _compile_notice()
         with global_compiler_lock:
-            saved = numba.config.SLP_VECTORIZE
+            saved = numba.config.SLP_VECTORIZE, numba.config.OPT
             numba.config.SLP_VECTORIZE = 1
             try:
                 for kernel, signature in signatures.items():
+                    numba.config.OPT = 1 if kernel in _LINK_ONLY else saved[1]
                     kernel.disable_compile(False)
-                    kernel.compile(signature)
+                    try:
+                        for one in signature if isinstance(signature, list) else [signature]:
+                            kernel.compile(one)
+                    finally:
+                        if kernel.signatures:
+                            kernel.disable_compile()
             finally:
-                numba.config.SLP_VECTORIZE = saved
-                for kernel in signatures:
-                    if kernel.signatures:
-                        kernel.disable_compile()
+                numba.config.SLP_VECTORIZE, numba.config.OPT = saved
         _compiled.add(dtype)
 
 
@@ -727,6 +869,43 @@ def pack_depthwise(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> P
     return Packed("depthwise", w, np.ascontiguousarray(np.asarray(bias, dtype)), c, k)
 
 
+_recorder = threading.local()
+
+
+def _run(kernel, *args) -> None:
+    """Call a compiled kernel, and note the call if `recording`."""
+    kernel(*args)
+    steps = getattr(_recorder, "steps", None)
+    if steps is not None:
+        steps.append((kernel, args))
+
+
+@contextlib.contextmanager
+def recording():
+    """Note the kernel calls made in the body by this thread, as a list of
+    (kernel, arguments) that replays the same computation on the same
+    arrays: `for kernel, args in steps: kernel(*args)`."""
+    saved = getattr(_recorder, "steps", None)
+    _recorder.steps = steps = []
+    try:
+        yield steps
+    finally:
+        _recorder.steps = saved
+
+
+_UNUSED = {}
+
+
+def _unused(dtype) -> tuple:
+    """Tiny (depthwise, gemm) weights and biases of `dtype` for the arguments
+    of _launch that a kind of work does not use: ((1, 1), (1,)), ((1, 1, NR), (NR,))."""
+    dtype = np.dtype(dtype)
+    if dtype not in _UNUSED:
+        _UNUSED[dtype] = ((np.zeros((1, 1), dtype), np.zeros(1, dtype)),
+                          (np.zeros((1, 1, NR), dtype), np.zeros(NR, dtype)))
+    return _UNUSED[dtype]
+
+
 def _threads() -> int:
     return numba.get_num_threads()
 
@@ -764,7 +943,10 @@ def pointwise_conv(x: np.ndarray, packed: Packed, relu6: bool = True, residual=N
                  f"residual shape {residual.shape} is not the output's")
         res, add_res = _contiguous(residual, packed.dtype).reshape(out.shape), True
     pixel_chunks = pixel_chunks or max(1, min(_threads(), -(-flat.shape[0] // MR)))
-    _pointwise(flat, packed.w, packed.b, out, relu6, res, add_res, pixel_chunks, panel_chunks)
+    as4d = lambda a: a.reshape(1, 1, *a.shape)  # noqa: E731 - the (P, C) pixels as _launch takes them
+    dw, proj = _unused(packed.dtype)
+    _run(_launch, POINTWISE, pixel_chunks * panel_chunks, as4d(flat), packed.w, packed.b, *dw, *proj,
+            as4d(out), as4d(res), as4d(out), as4d(out), 1, pixel_chunks, panel_chunks, relu6, add_res, False)
     return out.reshape(*x.shape[:-1], packed.cout)
 
 
@@ -778,7 +960,9 @@ def stem_conv(x: np.ndarray, packed: Packed, stride: int = 2) -> np.ndarray:
              f"cannot take {cin} channels")
     ho, wo = same_padding(h, packed.ksize, stride)[2], same_padding(w, packed.ksize, stride)[2]
     out = np.empty((n, ho, wo, packed.cout), packed.dtype)
-    _stem(x, packed.w, packed.b, packed.ksize, stride, out, n * bands_per_image(n, ho))
+    dw, proj = _unused(packed.dtype)
+    _run(_launch, STEM, n * bands_per_image(n, ho), x, packed.w, packed.b, *dw, *proj, out, out, out, out,
+            stride, packed.ksize, 1, False, False, False)
     return out
 
 
@@ -791,7 +975,9 @@ def depthwise_conv(x: np.ndarray, packed: Packed, stride: int = 1, relu6: bool =
              f"input has {c} channels, depthwise weights {packed.cout}")
     ho, wo = same_padding(h, 3, stride)[2], same_padding(w, 3, stride)[2]
     out = np.empty((n, ho, wo, c), packed.dtype)
-    _depthwise(x, packed.w, packed.b, stride, relu6, out, n * bands_per_image(n, ho))
+    _, gemm = _unused(packed.dtype)
+    _run(_launch, DEPTHWISE, n * bands_per_image(n, ho), x, *gemm, packed.w, packed.b, *gemm, out, out, out,
+            out, stride, 1, 1, relu6, False, False)
     return out
 
 
@@ -823,9 +1009,8 @@ def inverted_residual(x: np.ndarray, expand, depthwise: Packed, project: Packed,
     else:
         exp_out = dw_out = proj_out = out
     bands = bands or bands_per_image(n, ho)
-    _inverted_residual(x, expand.w, expand.b, has_expand, depthwise.w, depthwise.b, project.w,
-                       project.b, stride, residual, out, exp_out, dw_out, proj_out, capture,
-                       n * bands)
+    _run(_launch, BLOCK, n * bands, x, expand.w, expand.b, depthwise.w, depthwise.b, project.w, project.b,
+            out, exp_out, dw_out, proj_out, stride, 1, 1, has_expand, residual, capture)
     if not capture:
         return out
     return (out, exp_out if has_expand else None, dw_out, proj_out if residual else None)
@@ -836,5 +1021,5 @@ def global_avg_pool(x: np.ndarray) -> np.ndarray:
     compile_kernels(x.dtype)
     x = np.ascontiguousarray(x)
     out = np.empty((x.shape[0], x.shape[3]), x.dtype)
-    _global_avg_pool(x, out)
+    _run(_global_avg_pool, x, out)
     return out.reshape(x.shape[0], 1, 1, x.shape[3])

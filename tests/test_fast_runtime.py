@@ -1,0 +1,121 @@
+"""The fast path's run-time behaviour: fewer threads while other processes
+keep CPUs busy, and one line on stderr before a cold compile."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnv2ref import contention
+from mnv2ref import fast as F
+from mnv2ref import kernels as K
+
+REPO = Path(__file__).resolve().parent.parent
+NOTICE = "mnv2ref: compiling the Numba kernels once (about"
+
+
+@pytest.fixture
+def fresh_load_check(monkeypatch):
+    """Forget the last look at the load, so the next call looks again."""
+    monkeypatch.setattr(contention, "_load_check", [-1.0, 0])
+
+
+@pytest.mark.parametrize("busy,cpus,requested,expected", [
+    (0, 2, 2, 2), (1, 2, 2, 1), (5, 2, 2, 1), (1, 8, 4, 4), (6, 8, 4, 2), (3, 2, 1, 1)])
+def test_threads_free_leaves_the_busy_cpus(monkeypatch, fresh_load_check, busy, cpus, requested, expected):
+    monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: busy)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert contention.threads_free(requested) == expected
+
+
+def test_a_busy_process_is_seen():
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("needs Linux's /proc")
+    with contention.busy_core() as child:
+        assert child.poll() is None
+        assert contention.busy_cpus_elsewhere() >= 1
+    assert child.poll() is not None
+
+
+def test_busy_machine_uses_fewer_threads_same_results(synthetic, monkeypatch, fresh_load_check):
+    """Under load the model runs on the threads left over, and (any thread
+    count giving the same bits) returns what it returns on an idle machine."""
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 40, 40, 3)).astype(np.float32)
+    monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: 0)
+    monkeypatch.setattr(F, "_REPLAY_MAX_PIXELS", 0)  # every call through the layers, which K._threads sees
+    fast = F.FastMobileNetV2(synthetic, num_threads=2)
+    idle = fast.run(x)
+    seen = []
+    monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: 1)
+    monkeypatch.setattr(contention, "_load_check", [-1.0, 0])  # look again now
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(K, "_threads", lambda: seen.append(F.get_num_threads()) or seen[-1])
+    busy = fast.run(x)
+    assert seen and set(seen) == {1}
+    np.testing.assert_array_equal(busy, idle)
+    fast.adaptive_threads = False
+    seen.clear()
+    fast.run(x)
+    assert set(seen) == {min(2, F.numba.config.NUMBA_NUM_THREADS)}
+
+
+def _compile_in_subprocess(cache_dir=None) -> str:
+    """stderr of a child that compiles (or loads) the float32 kernels. With
+    an empty cache it stops at the first kernel, after the notice: the
+    notice is the point, not the 10 s of compiling."""
+    code = ("import numpy as np\nfrom mnv2ref import kernels as K\n"
+            "def stop(signature):\n    raise SystemExit(0)\n"
+            f"if {cache_dir is not None}:\n    K._gemm.compile = stop\n"
+            "K.compile_kernels(np.float32)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    return done.stderr
+
+
+def test_cold_cache_notice(tmp_path):
+    K.compile_kernels(np.float32)  # the default cache now holds them
+    assert NOTICE not in _compile_in_subprocess()
+    lines = _compile_in_subprocess(tmp_path / "empty-cache").splitlines()
+    assert len([line for line in lines if line.startswith(NOTICE)]) == 1
+    assert lines[-1].endswith("s); later runs load them from the cache")
+
+
+@pytest.mark.parametrize("until", [None, "layer_4", "global_pool"])
+def test_replay_gives_the_bits_of_a_fresh_run(synthetic, until):
+    """Later inputs of a shape are replayed into the first one's buffers: each
+    result is what the layer-by-layer path gives, and owns its memory."""
+    fast = F.FastMobileNetV2(synthetic, num_threads=1)
+    pack = fast._pack(np.float32)
+    rng = np.random.default_rng(3)
+    xs = [rng.uniform(-1, 1, (2, 48, 40, 3)).astype(np.float32) for _ in range(3)]
+    results = [fast.run(x, until) for x in xs]
+    assert len(fast._replays.__dict__) == 1
+    replay = next(iter(fast._replays.__dict__.values()))
+    buffers = {id(F._owner(arg)) for _, args, _ in replay.steps for arg in args
+               if isinstance(arg, np.ndarray) and F._owner(arg).dtype == np.uint8}
+    assert 2 <= len(buffers) <= 4 < len(replay.steps)  # the tensors share a few buffers
+    for x, result in zip(xs, results):
+        expected = fast._layers(x, until or "Predictions", pack, None)
+        np.testing.assert_array_equal(result, expected)
+    assert not np.array_equal(results[0], results[1])
+    results[2][...] = 0  # the caller's array, not a buffer of the replay
+    np.testing.assert_array_equal(fast.run(xs[1], until), results[1])
+
+
+def test_replays_are_per_calling_thread(synthetic):
+    from concurrent.futures import ThreadPoolExecutor
+
+    fast = F.FastMobileNetV2(synthetic, num_threads=1)
+    rng = np.random.default_rng(4)
+    xs = [rng.uniform(-1, 1, (1, 40, 40, 3)).astype(np.float32) for _ in range(8)]
+    expected = [fast.run(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(fast.run, xs), expected):
+                np.testing.assert_array_equal(got, want)
