@@ -91,6 +91,7 @@ the per-layer mean of `repeat` runs, their sum and the end-to-end median.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -260,7 +261,7 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
               backends: Sequence[str] = BACKENDS, peers: Union[bool, Sequence[str]] = True,
               progress: bool = True, resolution: Union[int, tuple] = 224,
               compile_time: Optional[bool] = None, seed: int = 0, rounds: int = ROUNDS,
-              tflite: Union[None, str, os.PathLike] = None) -> dict:
+              tflite: Union[None, str, os.PathLike] = None, contended: bool = False) -> dict:
     """Benchmark `model` (a `MobileNetV2`); returns a JSON-serialisable dict.
 
     batches: batch sizes; repeat / warmup: timed and untimed runs per
@@ -272,13 +273,18 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
     or a list from PEERS; tflite: the .tflite for LiteRT (default: beside the
     weights, `default_tflite`); resolution: the input's H x W (int or pair);
     compile_time: time the numba cold / warm cache start (default: when
-    "numba" is among the backends). A tqdm progress bar goes to stderr unless
+    "numba" is among the backends and not `contended`). `contended`: run
+    every measurement while another process keeps one CPU busy
+    (`contention.busy_core`), and report each engine's latency on its most
+    threads over its latency on 1 thread (`thread_scaling`: above 1 means
+    more threads made it slower). A tqdm progress bar goes to stderr unless
     `progress` is False.
 
     Keys: schema, model, flops_per_image, flops_source, machine, settings,
     results (one row per engine x threads x batch), ratios (each of our rows
-    over the fastest peer of its cell), compile, errors, skipped. See
-    `format_bench`."""
+    over the fastest peer of its cell), thread_scaling, compile, errors,
+    skipped. See `format_bench`."""
+    from .contention import busy_core
     from .onnx_export import _resolution
 
     batches = _positive_ints(batches, "batches")
@@ -301,7 +307,7 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
     if not backends and not peer_names:
         raise InputError("nothing to benchmark: no backend and no peer that can run")
     if compile_time is None:
-        compile_time = "numba" in backends
+        compile_time = "numba" in backends and not contended
     flops, flops_source = flops_per_image(model.depth_multiplier, (height, width), model.num_classes)
 
     result = {
@@ -314,8 +320,8 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
                      "rewarm": REWARM, "threads": thread_counts, "backends": backends, "peers": peer_names,
                      "numpy_max_repeat": NUMPY_MAX_REPEAT, "seed": int(seed),
                      "tflite": str(tflite_path) if "litert" in peer_names else None,
-                     "openvino_config": OPENVINO_CONFIG},
-        "results": [], "ratios": [], "compile": None, "errors": [], "skipped": skipped,
+                     "openvino_config": OPENVINO_CONFIG, "contended": bool(contended)},
+        "results": [], "ratios": [], "thread_scaling": [], "compile": None, "errors": [], "skipped": skipped,
     }
 
     with tempfile.TemporaryDirectory(prefix="mnv2ref-bench-") as tmp:
@@ -348,7 +354,8 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
         bar = _progress_bar(total, progress)
         outputs = {}
         try:
-            rows = _run_rounds(jobs, plan, untimed, tmp, bar, result["errors"])
+            with busy_core() if contended else contextlib.nullcontext():
+                rows = _run_rounds(jobs, plan, untimed, tmp, bar, result["errors"])
             for j, row in rows.items():
                 result["results"].append(_summarise(jobs[j], row, flops))
                 outputs[(jobs[j]["backend"], jobs[j]["threads"], jobs[j]["batch"])] = jobs[j]["output_path"]
@@ -358,7 +365,22 @@ def run_bench(model, batches: Sequence[int] = (1, 8), repeat: int = 20, warmup: 
         finally:
             bar.close()
     result["ratios"] = _ratios(result["results"])
+    result["thread_scaling"] = _thread_scaling(result["results"])
     return result
+
+
+def _thread_scaling(rows: list) -> list:
+    """For each engine and batch measured at 1 and at more threads: median
+    latency on the most threads over the 1-thread median."""
+    by_cell = {(r["backend"], r["batch"], r["threads"]): r["latency_ms"]["median"] for r in rows}
+    scaling = []
+    for (engine, batch, threads), ms in sorted(by_cell.items()):
+        one = by_cell.get((engine, batch, 1))
+        most = max(t for e, b, t in by_cell if (e, b) == (engine, batch))
+        if threads == most > 1 and one:
+            scaling.append({"backend": engine, "batch": batch, "threads": threads,
+                            "ms": ms, "one_thread_ms": one, "ratio": ms / one})
+    return scaling
 
 
 def _model_info(model, resolution: tuple, output: str) -> dict:
@@ -712,6 +734,12 @@ def format_bench(result: dict) -> str:
                       f"{r['images_per_s']:.1f}", f"{r['gflops']:.2f}", f"{r['peak_rss_mb']:.0f} MB",
                       diff, vs))
     lines += _align(table, set(range(1, 9)))
+    if result.get("thread_scaling"):
+        busy = " with a busy process on one CPU" if result["settings"].get("contended") else ""
+        lines += ["", f"Thread scaling{busy}: median on the most threads over the median on 1 thread "
+                  "(above 1: the extra threads made it slower)"]
+        lines += [f"  {q['backend']:<12} batch {q['batch']}: {q['threads']} threads {q['ms']:.2f} ms / "
+                  f"1 thread {q['one_thread_ms']:.2f} ms = {q['ratio']:.2f}" for q in result["thread_scaling"]]
     if not result["results"]:
         lines.append("(no successful measurement)")
     if any(_noisy(r["latency_ms"]) for r in result["results"]):

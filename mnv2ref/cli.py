@@ -330,7 +330,8 @@ def cmd_bench(args):
         result = run_bench(model, batches=args.batch, repeat=args.repeat, warmup=args.warmup,
                            threads=args.threads, backends=args.backends, peers=peers,
                            progress=not args.quiet, resolution=args.size, rounds=args.rounds,
-                           tflite=args.tflite, compile_time=False if args.no_compile_time else None)
+                           tflite=args.tflite, compile_time=False if args.no_compile_time else None,
+                           contended=args.contended)
         print(format_bench(result))
     if args.json:
         write_json(result, args.json)
@@ -528,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the timed runs into this many rounds, alternating between the engines (default 5)")
     p.add_argument("--layers", action="store_true", help="per-layer times of numba beside OpenVINO's "
                    "counters, at the first --batch size, instead of the whole-network bench")
+    p.add_argument("--contended", action="store_true", help="measure while another process keeps one "
+                   "CPU busy, and report each engine's most-threads / 1-thread latency")
     p.add_argument("--no-peers", action="store_true", help="run no peer")
     p.add_argument("--size", type=resolution, default=224, help="input resolution (default 224)")
     p.add_argument("--no-compile-time", action="store_true",

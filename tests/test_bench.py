@@ -310,3 +310,16 @@ def test_trace_times_the_production_layers_and_adds_up(backbone):
     assert numpy_rows.threads is None and len(numpy_rows) == len(rows)
     with pytest.raises(mnv2ref.InputError):
         mnv2ref.trace(backbone, x, backend="numba", repeat=0)
+
+
+def test_contended_run_reports_thread_scaling(backbone, capsys):
+    """`--contended` measures beside a spinning process and reports, per
+    engine, the latency on the most threads over the 1-thread latency."""
+    result = bench.run_bench(backbone, batches=(1,), repeat=2, warmup=1, threads=(1, 2), backends=("numba",),
+                             peers=False, progress=False, resolution=64, contended=True, rounds=1)
+    assert result["settings"]["contended"] is True and result["compile"] is None
+    [scaling] = result["thread_scaling"]
+    one, two = ({r["threads"]: r["latency_ms"]["median"] for r in result["results"]}[t] for t in (1, 2))
+    assert scaling == {"backend": "numba", "batch": 1, "threads": 2, "ms": two, "one_thread_ms": one,
+                       "ratio": two / one}
+    assert "Thread scaling with a busy process on one CPU" in bench.format_bench(result)
