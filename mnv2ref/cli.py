@@ -158,6 +158,23 @@ def cmd_embed(args):
     return _report_skipped(skipped, len(paths))
 
 
+def cmd_evaluate(args):
+    from .evaluate import Interrupted, evaluate, format_summary, write_summary
+
+    try:
+        summary = evaluate(args.dataset, weights=args.weights, raw=args.raw, model=args.model,
+                           labels=args.labels, limit=args.limit, batch_size=args.batch_size,
+                           workers=args.workers, output=args.output, resume=args.resume,
+                           dask=args.dask, size=args.size, backend=args.backend, progress=not args.quiet)
+    except Interrupted as stop:
+        print(f"mnv2ref: {stop}", file=sys.stderr)
+        return 130
+    if args.json:
+        write_summary(summary, args.json)
+    to_stdout = "-" not in (args.output, args.json)
+    print(format_summary(summary), file=sys.stdout if to_stdout else sys.stderr)
+
+
 def cmd_fetch(args):
     from .fetch import fetch
 
@@ -238,6 +255,8 @@ def cmd_plot_activations(args):
 def cmd_bench(args):
     from .bench import format_bench, run_bench, write_json
 
+    if args.evaluate:
+        return _bench_evaluate(args)
     model = _load_model(args)
     result = run_bench(model, batches=args.batch, repeat=args.repeat, warmup=args.warmup,
                        threads=args.threads, backends=args.backends,
@@ -248,6 +267,19 @@ def cmd_bench(args):
     if args.json:
         write_json(result, args.json)
         print(f"mnv2ref: wrote {args.json}", file=sys.stderr)
+
+
+def _bench_evaluate(args):
+    from .evaluate.bench import default_weights, format_evaluate_bench, run_evaluate_bench
+    from .resources import find_weights
+
+    weights = find_weights(args.weights) if args.weights else default_weights()
+    result = run_evaluate_bench(weights, images=args.images, workers=args.workers, repeat=args.repeat)
+    print(format_evaluate_bench(result))
+    if args.json:
+        from .evaluate import write_summary
+
+        write_summary(result, args.json)
 
 
 def cmd_export_onnx(args):
@@ -305,6 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", required=True, help="output .npy, shape (images, 1280)")
 
+    p = with_weights(command("evaluate", cmd_evaluate, "top-1 / top-5 accuracy on a labelled image set "
+                             "(ImageNet validation), streamed and resumable"))
+    p.add_argument("dataset", help="a folder of ILSVRC2012_val_*.JPEG, a folder of WordNet-id folders, "
+                   "or a path<TAB>label list file")
+    p.add_argument("--labels", help="ground truth for ILSVRC2012_val_* files, one WordNet id per line "
+                   "(default: the bundled imagenet_2012_validation_synset_labels.txt)")
+    p.add_argument("--model", metavar="FOREIGN", help="evaluate this ONNX / OpenVINO / TF Lite model "
+                   "instead, and compare it with the reference image by image")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="the first N images only")
+    p.add_argument("--workers", type=int, metavar="K", help="decoding processes (default: one per CPU; "
+                   "0: decode in the main process)")
+    p.add_argument("-o", "--output", metavar="RESULTS.jsonl", help="per-image results, one JSON object "
+                   "a line, flushed per batch (- for stdout)")
+    p.add_argument("--resume", action="store_true", help="keep the images already in --output, "
+                   "evaluate the rest")
+    p.add_argument("--json", metavar="SUMMARY", help="write the summary as JSON (- for stdout)")
+    p.add_argument("--dask", metavar="ADDRESS", help="run on Dask: local:N (a local cluster of N "
+                   "processes) or tcp://HOST:PORT (an existing scheduler)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
     p = command("fetch", cmd_fetch, "download a published checkpoint and convert it into weights/")
     p.add_argument("--depth-multiplier", "-d", type=float, default=1.0)
     p.add_argument("--resolution", "-r", type=positive_int, default=224)
@@ -354,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip timing the Numba start-up with a cold and a warm cache")
     p.add_argument("--json", metavar="FILE", help="also write the whole result as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--evaluate", action="store_true", help="instead: the `evaluate` pipeline against a "
+                   "serial load_image -> preprocess -> predict loop (uses --repeat, --json)")
+    p.add_argument("--images", type=positive_int, default=128, help="with --evaluate: JPEGs per round")
+    p.add_argument("--workers", type=int, metavar="K", help="with --evaluate: decoding processes "
+                   "(default: one per CPU)")
 
     p = command("export-onnx", cmd_export_onnx, "write the network as a standard ONNX graph")
     p.add_argument("out", help="output .onnx file")
