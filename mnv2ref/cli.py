@@ -141,6 +141,8 @@ def cmd_classify(args):
 def cmd_embed(args):
     from .files import atomic_write
 
+    if args.shard_size:
+        return _embed_shards(args)
     model = _load_model(args)
     paths, skipped, names, features = _expand_images(args.images), [], [], []
     for batch_names, batch in _image_batches(paths, args.size, args.batch_size, skipped):
@@ -173,6 +175,20 @@ def cmd_evaluate(args):
         write_summary(summary, args.json)
     to_stdout = "-" not in (args.output, args.json)
     print(format_summary(summary), file=sys.stdout if to_stdout else sys.stderr)
+
+
+def _embed_shards(args):
+    from .evaluate.shards import embed_shards
+    from .resources import find_weights
+
+    index = embed_shards(_expand_images(args.images), args.output, find_weights(args.weights),
+                         use_ema=not args.raw, shard_size=args.shard_size, batch_size=args.batch_size,
+                         workers=args.workers, dask=args.dask, size=args.size, backend=args.backend)
+    print(Path(args.output) / "index.json")
+    skipped = sum(len(shard["skipped"]) for shard in index["shards"])
+    print(f"mnv2ref: {index['images'] - skipped} embeddings in {len(index['shards'])} shards "
+          f"in {args.output}", file=sys.stderr)
+    return _report_skipped([None] * skipped, index["images"])
 
 
 def cmd_fetch(args):
@@ -336,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_weights(command("embed", cmd_embed, "write the global-pool embeddings of images to .npy"))
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", required=True, help="output .npy, shape (images, 1280)")
+    p.add_argument("--shard-size", type=positive_int, metavar="N", help="for large sets: -o is a folder "
+                   "of shards of N images plus index.json, resumable (see mnv2ref.evaluate.shards)")
+    p.add_argument("--workers", type=int, metavar="K", help="with --shard-size: decoding processes")
+    p.add_argument("--dask", metavar="ADDRESS", help="with --shard-size: run on Dask, local:N or tcp://HOST:PORT")
 
     p = with_weights(command("evaluate", cmd_evaluate, "top-1 / top-5 accuracy on a labelled image set "
                              "(ImageNet validation), streamed and resumable"))

@@ -66,17 +66,35 @@ def connect(address: str):
 
 def run_dask(address: str, samples: Sequence, job, batch_size: int) -> Iterator[List[dict]]:
     """The records of `samples`, one list per shard as shards finish."""
+    shards = chunks(samples, batch_size * BATCHES_PER_SHARD)
+    for _, records in _run(address, job, evaluate_shard, [(shard, batch_size) for shard in shards]):
+        yield records
+
+
+def run_dask_shards(address: str, pending: Sequence, job, batch_size: int) -> Iterator[tuple]:
+    """`shards.embed_shards` on Dask: (shard number, images read, embeddings,
+    skipped) for each (shard number, images) of `pending`, as they finish."""
+    from .shards import embed_shard
+
+    tasks = [(images, batch_size) for _, images in pending]
+    for position, result in _run(address, job, embed_shard, tasks):
+        yield (pending[position][0], *result)
+
+
+def _run(address: str, job, function, tasks: Sequence[tuple]) -> Iterator[tuple]:
+    """Run `function(job, *task)` for every task on the cluster at `address`;
+    yield (position of the task, its result) as each finishes."""
     distributed = _distributed()
     with connect(address) as (client, threads):
         job = dataclasses.replace(job, threads=threads)
-        shards = list(chunks(samples, batch_size * BATCHES_PER_SHARD))
-        futures = [client.submit(evaluate_shard, job, shard, batch_size, pure=False) for shard in shards]
+        futures = {client.submit(function, job, *task, pure=False): position
+                   for position, task in enumerate(tasks)}
         try:
-            for future in distributed.as_completed(futures):
-                yield future.result()
+            for future in distributed.as_completed(list(futures)):
+                yield futures[future], future.result()
                 future.release()
         finally:
-            client.cancel(futures)
+            client.cancel(list(futures))
 
 
 def evaluate_shard(job, shard: Sequence, batch_size: int) -> List[dict]:

@@ -34,10 +34,11 @@ NUM_CLASSES = 1001
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image: its path (as listed, a str) and TF-slim class index."""
+    """One image: its path (as listed, a str) and TF-slim class index (None
+    when unlabelled, as for embeddings)."""
 
     image: str
-    label: int
+    label: Optional[int] = None
 
 
 @lru_cache(maxsize=1)

@@ -154,21 +154,35 @@ class Job:
         if not len(read):
             return failed(failures)
         reference, foreign = _classifiers(self.weights, self.use_ema, self.foreign)
-        from ..fast import _threads  # Numba threads for this call (None: as they are)
-
-        with _threads(self.threads):
-            ours = reference.predict(batch, backend=self.backend)
+        ours = self._run(reference.predict, batch)
         if foreign is None:
             return failed(failures) + score(read, ours)
         return failed(failures) + score(read, foreign.predict(batch), reference=ours)
 
 
+    def embed(self, batch) -> np.ndarray:
+        """The reference's (N, 1280) global-pool embeddings of a preprocessed batch."""
+        return self._run(_reference(self.weights, self.use_ema).embed, batch)
+
+    def _run(self, method, batch):
+        from ..fast import _threads  # Numba threads for this call (None: as they are)
+
+        with _threads(self.threads):
+            return method(batch, backend=self.backend)
+
+
 @lru_cache(maxsize=4)
-def _classifiers(weights: str, use_ema: bool, foreign: Optional[str]):
-    """The reference model and the foreign one, loaded once per process."""
+def _reference(weights: str, use_ema: bool):
+    """The reference model, loaded once per process."""
     from ..model import MobileNetV2
 
-    reference = MobileNetV2.load(weights, use_ema=use_ema)
+    return MobileNetV2.load(weights, use_ema=use_ema)
+
+
+@lru_cache(maxsize=4)
+def _classifiers(weights: str, use_ema: bool, foreign: Optional[str]):
+    """The reference classifier and the foreign one, loaded once per process."""
+    reference = _reference(weights, use_ema)
     if not reference.num_classes:
         raise WeightsError(f"{weights} has no classifier (MobilenetV2/Logits is absent): evaluate "
                            "needs a full checkpoint; run `mnv2ref fetch`")
