@@ -23,6 +23,7 @@ _PUBLIC = {
     "load_image": "preprocessing",
     "preprocess": "preprocessing",
     "cost": "accounting",
+    "verify": "verify",
 }
 
 

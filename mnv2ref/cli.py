@@ -305,6 +305,34 @@ def cmd_export_onnx(args):
     print(export_onnx(model, args.out, opset=args.opset, resolution=args.size, endpoints=args.endpoints))
 
 
+def cmd_verify(args):
+    """Exit 0 = within tolerance, 1 = diverges, 2 = could not run."""
+    try:
+        from .verify import verify
+
+        report = verify(args.model, images=args.image, weights=args.weights, tolerance=args.tolerance,
+                        threads=args.threads, use_ema=not args.raw)
+        # With --json - the JSON alone is stdout; the table goes to stderr.
+        print(report.format(), file=sys.stderr if args.json == "-" else sys.stdout)
+        if args.json:
+            _write_json_report(report.to_json(), args.json)
+    except (Mnv2refError, OSError) as error:
+        print(f"mnv2ref: error: {error}", file=sys.stderr)
+        return 2
+    return report.exit_code
+
+
+def _write_json_report(text: str, path: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    from .files import atomic_write
+
+    with atomic_write(path, suffix=".json") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    print(f"mnv2ref: wrote {path}", file=sys.stderr)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -439,6 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=positive_int, default=224, help="input resolution (default 224)")
     p.add_argument("--opset", type=positive_int, default=13)
     p.add_argument("--endpoints", action="store_true", help="also output every layer_N endpoint (NHWC)")
+
+    p = command("verify", cmd_verify, "compare another MobileNetV2 (ONNX, OpenVINO, TF Lite, Keras, an "
+                "activation dump) with the reference, endpoint by endpoint; exit 0 = match, 1 = diverges, "
+                "2 = could not run")
+    p.add_argument("model", help="an .onnx, OpenVINO .xml, .tflite, Keras .h5/.keras file, or an .npz/.h5 "
+                   "activation dump (`input` plus their tensors)")
+    p.add_argument("--image", nargs="+", metavar="IMG", help="images to compare on (default: a bundled photo)")
+    p.add_argument("--weights", "-w", help="an .h5 from `convert` or a TF checkpoint prefix "
+                   "(default: $MNV2REF_WEIGHTS, weights/, ../shared/mnv2)")
+    p.add_argument("--raw", action="store_true", help="from a checkpoint, use raw variables "
+                   "instead of their ExponentialMovingAverage")
+    p.add_argument("--tolerance", type=float, help="max error relative to each endpoint's range "
+                   "(default 5e-5 for float32 models)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON (- for stdout)")
+    p.add_argument("--threads", type=positive_int, help="threads of the foreign runtime")
     return parser
 
 
