@@ -186,15 +186,21 @@ def _classifiers(weights: str, use_ema: bool, foreign: Optional[str]):
     if not reference.num_classes:
         raise WeightsError(f"{weights} has no classifier (MobilenetV2/Logits is absent): evaluate "
                            "needs a full checkpoint; run `mnv2ref fetch`")
-    return reference, (load_foreign(foreign) if foreign else None)
+    return reference, (load_foreign(foreign, reference) if foreign else None)
 
 
-def load_foreign(path):
-    """A foreign model (ONNX, OpenVINO IR, TF Lite) with `.predict(x)`: our
-    (N, 224, 224, 3) float32 RGB [-1, 1] input -> (N, classes) probabilities."""
+def load_foreign(path, reference=None):
+    """A foreign model (ONNX, OpenVINO IR, TF Lite; `mnv2ref.verify.load_foreign`)
+    with `.predict(x)`: our (N, 224, 224, 3) float32 RGB [-1, 1] input ->
+    (N, classes) probabilities. Its input interface (layout, colour order,
+    scale), unless the file declares it, is found by comparing its outputs
+    with those of `reference`, the model it is meant to equal."""
     from ..verify import load_foreign as load
 
-    return load(str(path))
+    foreign = load(str(path))
+    if reference is not None and hasattr(foreign, "detect_interface"):
+        foreign.detect_interface(reference=reference)
+    return foreign
 
 
 def run_local(samples: Sequence[Sample], job: Job, batch_size: int,
