@@ -24,6 +24,7 @@ _PUBLIC = {
     "preprocess": "preprocessing",
     "cost": "accounting",
     "verify": "verify",
+    "evaluate": "evaluate",
 }
 
 

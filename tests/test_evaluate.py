@@ -59,11 +59,11 @@ def labelled(tmp_path_factory, synthetic):
 
 
 def run(labelled, weights, **options):
-    from mnv2ref.evaluate import evaluate
+    import mnv2ref
 
     folder, labels_file, _, _ = labelled
     options.setdefault("workers", 0)
-    return evaluate(options.pop("dataset", folder), weights=weights,
+    return mnv2ref.evaluate(options.pop("dataset", folder), weights=weights,
                     labels=options.pop("labels", labels_file), progress=False, **options)
 
 
@@ -205,6 +205,16 @@ def test_dask_local_2_equals_the_local_run(labelled, weights, tmp_path):
     assert read_records(tmp_path / "dask.jsonl") == read_records(tmp_path / "local.jsonl")
     assert {k: v for k, v in dask.items() if k != "images_per_s"} == \
         {k: v for k, v in local.items() if k != "images_per_s"}
+
+
+def test_without_dask_the_error_names_the_extra(monkeypatch):
+    from mnv2ref.errors import MissingDependencyError
+    from mnv2ref.evaluate.dask import connect
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r'pip install "mnv2ref\[dask\]"'):
+        with connect("local:1"):
+            pass
 
 
 def _cli(*args):

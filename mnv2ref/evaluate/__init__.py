@@ -1,7 +1,7 @@
 """Accuracy over labelled image sets: `mnv2ref evaluate` and `mnv2ref.evaluate`.
 
-    import mnv2ref.evaluate
-    summary = mnv2ref.evaluate.evaluate("ILSVRC2012_img_val/", output="results.jsonl")
+    import mnv2ref
+    summary = mnv2ref.evaluate("ILSVRC2012_img_val/", output="results.jsonl")
     summary["top1"], summary["top1_ci"]          # 0.7185..., [0.7145..., 0.7224...]
 
 One pipeline for every engine: `datasets` lists (image, label) pairs,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+import types
 from contextlib import contextmanager
 from typing import Optional
 
@@ -129,3 +130,14 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
     scored = sum("error" not in r for r in fresh)
     summary["images_per_s"] = scored / seconds if scored else None
     return summary
+
+
+class _CallableModule(types.ModuleType):
+    """Makes `mnv2ref.evaluate(...)` the same call as `mnv2ref.evaluate.evaluate(...)`,
+    whether or not this package has been imported before."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
