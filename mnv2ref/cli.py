@@ -167,7 +167,8 @@ def cmd_evaluate(args):
         summary = evaluate(args.dataset, weights=args.weights, raw=args.raw, model=args.model,
                            labels=args.labels, limit=args.limit, batch_size=args.batch_size,
                            workers=args.workers, output=args.output, resume=args.resume,
-                           dask=args.dask, size=args.size, backend=args.backend, progress=not args.quiet)
+                           dask=args.dask, size=args.size, backend=args.backend, threads=args.threads,
+                           progress=not args.quiet)
     except Interrupted as stop:
         print(f"mnv2ref: {stop}", file=sys.stderr)
         return 130
@@ -290,7 +291,9 @@ def _bench_evaluate(args):
     from .resources import find_weights
 
     weights = find_weights(args.weights) if args.weights else default_weights()
-    result = run_evaluate_bench(weights, images=args.images, workers=args.workers, repeat=args.repeat)
+    threads = args.threads[0] if args.threads else None
+    result = run_evaluate_bench(weights, images=args.images, workers=args.workers, repeat=args.repeat,
+                                threads=threads)
     print(format_evaluate_bench(result))
     if args.json:
         from .evaluate import write_summary
@@ -403,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="SUMMARY", help="write the summary as JSON (- for stdout)")
     p.add_argument("--dask", metavar="ADDRESS", help="run on Dask: local:N (a local cluster of N "
                    "processes) or tcp://HOST:PORT (an existing scheduler)")
+    p.add_argument("--threads", type=positive_int, metavar="T", help="Numba threads for the model "
+                   "(default: all CPUs)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     p = command("fetch", cmd_fetch, "download a published checkpoint and convert it into weights/")

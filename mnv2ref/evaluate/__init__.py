@@ -64,7 +64,7 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
              limit: Optional[int] = None, batch_size: int = DEFAULT_BATCH_SIZE,
              workers: Optional[int] = None, output=None, resume: bool = False,
              dask: Optional[str] = None, size: int = 224, backend: str = "numba",
-             progress: bool = True) -> dict:
+             threads: Optional[int] = None, progress: bool = True) -> dict:
     """Evaluate the reference model (or the foreign `model`) on DATASET.
 
     Args:
@@ -79,6 +79,8 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
         keeps the images already in it and evaluates only the others.
       dask: ``"local:N"`` (a LocalCluster of N processes) or a scheduler
         address ``"tcp://host:8786"``: run the shards there instead.
+      threads: Numba threads for the model here (None: all CPUs; a Dask
+        LocalCluster's workers use one each).
 
     Returns the summary (`results.summarize`) over every image of the
     dataset, plus ``images_per_s`` of this run. Ctrl-C or SIGTERM stop after
@@ -96,7 +98,7 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
     done = log.done if log else {}
     pending = [s for s in samples if s.image not in done]
     job = Job(str(find_weights(weights)), use_ema=not raw, foreign=str(model) if model else None,
-              size=size, backend=backend)
+              size=size, backend=backend, threads=threads)
     fresh, batches = [], None
     start = time.perf_counter()
     try:

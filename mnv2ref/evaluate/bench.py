@@ -93,11 +93,12 @@ def _pipeline(job: Job, samples, batch_size: int, workers: int):
 
 
 def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
-                       workers: Optional[int] = None, repeat: int = 3) -> dict:
+                       workers: Optional[int] = None, repeat: int = 3,
+                       threads: Optional[int] = None) -> dict:
     """Time the three loops (module docstring) on `images` JPEGs; returns a dict
     of images/s per loop, the speed-ups and the projected time for 50,000 images."""
     workers = default_workers() if workers is None else workers
-    job = Job(str(weights))
+    job = Job(str(weights), threads=threads)
     model = _classifiers(job.weights, job.use_ema, None)[0]
     with tempfile.TemporaryDirectory(prefix="mnv2ref-bench-") as folder:
         paths = make_jpegs(folder, images)
@@ -114,6 +115,7 @@ def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
     rate = {key: images / seconds for key, seconds in best.items()}
     return {
         "images": images, "batch_size": batch_size, "workers": workers, "repeat": repeat,
+        "threads": threads or default_workers(),
         "weights": str(weights), "cpu": _cpu_name(), "cpus": default_workers(),
         "images_per_s": rate,
         "speedup_vs_serial_numpy_resize": rate["pipeline_steady"] / rate["serial_numpy_resize"],
@@ -141,7 +143,8 @@ def format_evaluate_bench(result: dict) -> str:
     return "\n".join([
         f"evaluate pipeline, {result['images']} JPEGs of about 500x375, weights {result['weights']}",
         f"{result['cpu']}, {result['cpus']} CPUs; {result['workers']} decoding workers, "
-        f"batch {result['batch_size']}, best of {result['repeat']}",
+        f"{result['threads']} Numba threads in the pipeline, batch {result['batch_size']}, "
+        f"best of {result['repeat']}",
         "",
         f"serial load_image -> preprocess(NumPy resize) -> predict  {rate['serial_numpy_resize']:7.1f} img/s",
         f"serial load_image -> preprocess -> predict                {rate['serial']:7.1f} img/s",
