@@ -24,7 +24,7 @@ from typing import Optional
 
 from ..errors import InputError
 from .datasets import Sample, load_dataset
-from .pipeline import Job, load_foreign, run_local
+from .pipeline import Job, _classifiers, load_foreign, run_local
 from .results import ResultsLog, card_comparison, format_summary, summarize, write_summary
 
 __all__ = ["evaluate", "Job", "Interrupted", "load_foreign", "load_dataset", "summarize", "format_summary",
@@ -93,12 +93,14 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
     if workers is not None and workers < 0:
         raise InputError(f"workers must be 0 (decode in this process) or more, got {workers}")
     if resume and output is None:
-        raise InputError("resume needs the results file of the interrupted run (output=)")
+        raise InputError("resume needs the results file of the interrupted run "
+                         "(-o RESULTS.jsonl, output=)")
+    job = Job(str(find_weights(weights)), use_ema=not raw, foreign=str(model) if model else None,
+              size=size, backend=backend, threads=threads)
+    _classifiers(job.weights, job.use_ema, job.foreign)  # fail on bad weights before touching output
     log = ResultsLog(output, resume=resume) if output is not None else None
     done = log.done if log else {}
     pending = [s for s in samples if s.image not in done]
-    job = Job(str(find_weights(weights)), use_ema=not raw, foreign=str(model) if model else None,
-              size=size, backend=backend, threads=threads)
     fresh, batches = [], None
     start = time.perf_counter()
     try:

@@ -18,6 +18,7 @@ rate is also given in steady state (from its first batch on), which is what
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -71,17 +72,25 @@ def default_weights() -> Path:
     return bench if Path(f"{bench}.index").is_file() else find_weights()
 
 
-def _serial(model, paths, backend: str) -> float:
-    """Seconds for the one-image-at-a-time API loop."""
-    start = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished children."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _serial(model, paths, backend: str):
+    """(seconds, CPU seconds) of the one-image-at-a-time API loop."""
+    start, cpu = time.perf_counter(), _cpu_seconds()
     for path in paths:
         model.predict(preprocess(load_image(path), backend=backend)[None])
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu_seconds() - cpu
 
 
 def _pipeline(job: Job, samples, batch_size: int, workers: int):
-    """(total seconds, seconds from the first batch on, images after the first batch)."""
-    start = time.perf_counter()
+    """(seconds, CPU seconds, seconds per image from the first batch on)."""
+    start, cpu = time.perf_counter(), _cpu_seconds()
     first, after = None, 0
     for records in run_local(samples, job, batch_size, workers):
         if first is None:
@@ -89,35 +98,40 @@ def _pipeline(job: Job, samples, batch_size: int, workers: int):
         else:
             after += len(records)
     end = time.perf_counter()
-    return end - start, end - first, after
+    return end - start, _cpu_seconds() - cpu, (end - first) / after
 
 
 def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
                        workers: Optional[int] = None, repeat: int = 3,
                        threads: Optional[int] = None) -> dict:
     """Time the three loops (module docstring) on `images` JPEGs; returns a dict
-    of images/s per loop, the speed-ups and the projected time for 50,000 images."""
+    of images/s and CPU ms per image for each loop, the speed-ups, the load
+    average around the run and the projected time for 50,000 images."""
     workers = default_workers() if workers is None else workers
     job = Job(str(weights), threads=threads)
     model = _classifiers(job.weights, job.use_ema, None)[0]
+    load_before = os.getloadavg()[0]
+    best = {"serial_numpy_resize": (np.inf, np.inf), "serial": (np.inf, np.inf),
+            "pipeline": (np.inf, np.inf), "pipeline_steady": (np.inf, np.inf)}
     with tempfile.TemporaryDirectory(prefix="mnv2ref-bench-") as folder:
         paths = make_jpegs(folder, images)
         samples = [Sample(str(p), 1) for p in paths]
         model.predict(preprocess(load_image(paths[0]))[None])  # compile / load the kernels
-        best = {"serial_numpy_resize": np.inf, "serial": np.inf, "pipeline": np.inf,
-                "pipeline_steady": np.inf}
         for _ in range(repeat):
             best["serial_numpy_resize"] = min(best["serial_numpy_resize"], _serial(model, paths, "numpy"))
             best["serial"] = min(best["serial"], _serial(model, paths, "numba"))
-            total, steady, counted = _pipeline(job, samples, batch_size, workers)
-            best["pipeline"] = min(best["pipeline"], total)
-            best["pipeline_steady"] = min(best["pipeline_steady"], steady / counted * images)
-    rate = {key: images / seconds for key, seconds in best.items()}
+            seconds, cpu, per_image = _pipeline(job, samples, batch_size, workers)
+            best["pipeline"] = min(best["pipeline"], (seconds, cpu))
+            best["pipeline_steady"] = min(best["pipeline_steady"], (per_image * images, cpu))
+    rate = {key: images / seconds for key, (seconds, _) in best.items()}
     return {
         "images": images, "batch_size": batch_size, "workers": workers, "repeat": repeat,
         "threads": threads or default_workers(),
         "weights": str(weights), "cpu": _cpu_name(), "cpus": default_workers(),
+        "load_average": [load_before, os.getloadavg()[0]],
         "images_per_s": rate,
+        "cpu_ms_per_image": {key: cpu / images * 1e3 for key, (_, cpu) in best.items()
+                             if key != "pipeline_steady"},
         "speedup_vs_serial_numpy_resize": rate["pipeline_steady"] / rate["serial_numpy_resize"],
         "speedup_vs_serial": rate["pipeline_steady"] / rate["serial"],
         "projected_validation_s": VALIDATION_IMAGES / rate["pipeline_steady"],
@@ -138,17 +152,21 @@ def _cpu_name() -> str:
 
 def format_evaluate_bench(result: dict) -> str:
     """The benchmark as the lines `mnv2ref bench --evaluate` prints."""
-    rate = result["images_per_s"]
+    rate, cpu = result["images_per_s"], result["cpu_ms_per_image"]
     hours = result["projected_validation_s"] / 3600
     return "\n".join([
         f"evaluate pipeline, {result['images']} JPEGs of about 500x375, weights {result['weights']}",
         f"{result['cpu']}, {result['cpus']} CPUs; {result['workers']} decoding workers, "
         f"{result['threads']} Numba threads in the pipeline, batch {result['batch_size']}, "
-        f"best of {result['repeat']}",
+        f"best of {result['repeat']}; load average {result['load_average'][0]:.1f} before, "
+        f"{result['load_average'][1]:.1f} after",
         "",
-        f"serial load_image -> preprocess(NumPy resize) -> predict  {rate['serial_numpy_resize']:7.1f} img/s",
-        f"serial load_image -> preprocess -> predict                {rate['serial']:7.1f} img/s",
-        f"pipeline, including pool start-up                        {rate['pipeline']:7.1f} img/s",
+        f"serial load_image -> preprocess(NumPy resize) -> predict  {rate['serial_numpy_resize']:7.1f} img/s"
+        f"  {cpu['serial_numpy_resize']:6.1f} CPU ms/img",
+        f"serial load_image -> preprocess -> predict                {rate['serial']:7.1f} img/s"
+        f"  {cpu['serial']:6.1f} CPU ms/img",
+        f"pipeline, including pool start-up                        {rate['pipeline']:7.1f} img/s"
+        f"  {cpu['pipeline']:6.1f} CPU ms/img (all processes)",
         f"pipeline, steady state                                   {rate['pipeline_steady']:7.1f} img/s",
         "",
         f"speed-up: {result['speedup_vs_serial_numpy_resize']:.2f}x the serial loop with the NumPy resize, "
