@@ -151,6 +151,20 @@ def test_the_three_dataset_forms_give_the_same_records(labelled, weights, tmp_pa
     assert len(load_dataset(folder, labels=labels_file, limit=4)) == 4
 
 
+def test_cli_prints_the_comparison_with_the_card(labelled, weights, tmp_path, capsys):
+    from mnv2ref.cli import main
+
+    folder, labels_file, _, _ = labelled
+    code = main(["evaluate", str(folder), "--labels", str(labels_file), "-w", str(weights),
+                 "--workers", "0", "--limit", "8", "--json", str(tmp_path / "s.json"), "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "images 8, skipped 0" in out
+    assert "model card top1 71.85% is outside the 95 % interval" in out  # 2 of 8 right
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["top1_correct"] == 2 and summary["images"] == 8 and summary["images_per_s"] > 0
+    assert set(summary) >= {"images", "top1", "top5", "top1_ci", "top5_ci", "skipped", "images_per_s", "card"}
+
+
 def test_dataset_errors_name_the_place(tmp_path, labelled):
     from mnv2ref.evaluate.datasets import load_dataset
 
@@ -289,6 +303,7 @@ def test_tflite_peer_agrees_with_the_reference(labelled, weights, shared_dir):
 
 
 def test_embedding_shards_equal_embed_and_resume(labelled, synthetic, weights, tmp_path):
+    from mnv2ref.cli import main
     from mnv2ref.evaluate.shards import embed_shards
 
     folder, _, probs, _ = labelled
@@ -306,8 +321,9 @@ def test_embedding_shards_equal_embed_and_resume(labelled, synthetic, weights, t
     assert names == list(probs) and np.array_equal(embeddings, expected)
     (tmp_path / "emb" / "shard-00001.npz").unlink()  # as if the run had crashed there
     before = (tmp_path / "emb" / "shard-00000.npz").stat().st_mtime_ns
-    embed_shards(images, tmp_path / "emb", weights, shard_size=5, batch_size=3, workers=0,
-                 progress=False)
+    code = main(["embed", str(folder), "-o", str(tmp_path / "emb"), "--shard-size", "5",
+                 "--batch-size", "3", "--workers", "0", "-w", str(weights)])
+    assert code == 1  # the unreadable image
     assert (tmp_path / "emb" / "shard-00000.npz").stat().st_mtime_ns == before
     assert np.array_equal(stored()[0], expected)
     assert json.loads((tmp_path / "emb" / "index.json").read_text())["images"] == COUNT + 1
