@@ -97,7 +97,6 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
                          "(-o RESULTS.jsonl, output=)")
     job = Job(str(find_weights(weights)), use_ema=not raw, foreign=str(model) if model else None,
               size=size, backend=backend, threads=threads)
-    _classifiers(job.weights, job.use_ema, job.foreign)  # fail on bad weights before touching output
     log = ResultsLog(output, resume=resume) if output is not None else None
     done = log.done if log else {}
     pending = [s for s in samples if s.image not in done]
@@ -110,6 +109,7 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
             if dask:
                 from .dask import run_dask
 
+                _classifiers(job.weights, job.use_ema, job.foreign)  # fail here, not on every worker
                 batches = run_dask(dask, pending, job, batch_size)
             else:
                 batches = run_local(pending, job, batch_size, workers)

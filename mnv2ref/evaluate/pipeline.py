@@ -20,8 +20,8 @@ import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterator, List, Optional, Sequence, Tuple
+from functools import lru_cache, partial
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -66,12 +66,16 @@ def default_workers() -> int:
 
 
 def preprocessed_batches(samples: Sequence[Sample], batch_size: int, workers: Optional[int],
-                         size: int) -> Iterator[Tuple[List[Sample], np.ndarray, List[Tuple[Sample, str]]]]:
+                         size: int, meanwhile: Optional[Callable[[], object]] = None
+                         ) -> Iterator[Tuple[List[Sample], np.ndarray, List[Tuple[Sample, str]]]]:
     """Yield (samples read, their batch, [(sample, error)]) for consecutive
     batches of `samples`, in order. `workers` processes decode in parallel
-    (None: one per CPU; 0: all in this process)."""
+    (None: one per CPU; 0: all in this process). `meanwhile()` (e.g. loading
+    the model) runs here while the workers start, before the first batch."""
     workers = default_workers() if workers is None else workers
     if workers == 0:
+        if meanwhile:
+            meanwhile()
         for part in chunks(samples, batch_size):
             yield load_samples(part, size)
         return
@@ -86,6 +90,8 @@ def preprocessed_batches(samples: Sequence[Sample], batch_size: int, workers: Op
             queued.append((part, pool.submit(load_batch, [s.image for s in part], size)))
             if len(queued) >= 2 * workers:
                 break
+        if meanwhile:
+            meanwhile()
         while queued:
             part, future = queued.popleft()
             result = future.result()
@@ -205,6 +211,8 @@ def load_foreign(path, reference=None):
 
 def run_local(samples: Sequence[Sample], job: Job, batch_size: int,
               workers: Optional[int]) -> Iterator[List[dict]]:
-    """The records of `samples`, one list per batch, decoded by `workers` processes."""
-    for read, batch, failures in preprocessed_batches(samples, batch_size, workers, job.size):
+    """The records of `samples`, one list per batch, decoded by `workers`
+    processes; the models load here while those start."""
+    load = partial(_classifiers, job.weights, job.use_ema, job.foreign)
+    for read, batch, failures in preprocessed_batches(samples, batch_size, workers, job.size, load):
         yield job.records(read, batch, failures)

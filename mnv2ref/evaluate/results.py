@@ -40,27 +40,23 @@ Z95 = 1.959963984540054
 
 
 class ResultsLog:
-    """The JSONL results of one run: `done` (image -> record) already there,
-    `append(records)` to add a batch. Without `resume` an existing file is
-    replaced by an empty one."""
+    """The JSONL results of one run: `done` (image -> record) already there
+    with `resume`, `append(records)` to add a batch. The file is opened on the
+    first `append`; without `resume` that replaces an existing file."""
 
     def __init__(self, path, resume: bool = False):
-        self.path = Path(path)
+        self.path, self.resume = Path(path), resume
         self.done: Dict[str, dict] = {}
+        self._file = None
         if str(path) == "-":  # stdout, for a pipe: nothing to resume
             if resume:
                 raise InputError("--resume needs a results file, not -o - (stdout)")
             self._file = sys.stdout
-            return
-        try:
-            if resume and self.path.exists():
+        elif resume and self.path.exists():
+            try:
                 self.done = self._read_and_repair()
-                self._file = open(self.path, "a", encoding="utf-8")
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "w", encoding="utf-8")
-        except OSError as error:
-            raise os_error(error, self.path, "open results file") from None
+            except OSError as error:
+                raise os_error(error, self.path, "read results file") from None
 
     def _read_and_repair(self) -> Dict[str, dict]:
         """Records already in the file; an incomplete last line is cut off."""
@@ -86,13 +82,16 @@ class ResultsLog:
         text = "".join(json.dumps(r, separators=(", ", ": ")) + "\n" for r in records)
         with _signals_held():
             try:
+                if self._file is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = open(self.path, "a" if self.resume else "w", encoding="utf-8")
                 self._file.write(text)
                 self._file.flush()
             except OSError as error:
                 raise os_error(error, self.path, "write") from None
 
     def close(self) -> None:
-        if self._file is not sys.stdout:
+        if self._file not in (None, sys.stdout):
             self._file.close()
 
     def __enter__(self):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Optional, Sequence
@@ -95,7 +96,8 @@ def _local_shards(pending, job: Job, batch_size: int, workers: Optional[int]):
     straddle two shards because every shard but the last is a whole number of
     batches."""
     samples = [Sample(image) for _, images in pending for image in images]
-    batches = preprocessed_batches(samples, batch_size, workers, job.size)
+    batches = preprocessed_batches(samples, batch_size, workers, job.size,
+                                   partial(_reference, job.weights, job.use_ema))
     try:
         for k, images in pending:
             yield (k, *_embed_batches(job, islice(batches, -(-len(images) // batch_size))))
