@@ -143,6 +143,8 @@ def cmd_embed(args):
 
     if args.shard_size:
         return _embed_shards(args)
+    if args.workers is not None or args.dask:
+        raise InputError("embed: --workers and --dask work with --shard-size (a folder of shards)")
     model = _load_model(args)
     paths, skipped, names, features = _expand_images(args.images), [], [], []
     for batch_names, batch in _image_batches(paths, args.size, args.batch_size, skipped):

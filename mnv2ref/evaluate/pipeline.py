@@ -25,7 +25,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import ImageError, WeightsError
+from ..errors import Mnv2refError, WeightsError
 from ..preprocessing import load_image, preprocess
 from .datasets import Sample
 
@@ -40,7 +40,7 @@ def load_batch(paths: Sequence[str], size: int) -> Tuple[List[int], np.ndarray, 
         try:
             arrays.append(preprocess(load_image(path), size=size))
             read.append(position)
-        except ImageError as error:
+        except Mnv2refError as error:  # unreadable, missing, a URL...: skip this one image
             failures.append((position, str(error)))
     batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)
     return read, batch, failures
