@@ -120,7 +120,7 @@ def test_summary_equals_the_api_image_by_image(labelled, weights, tmp_path):
         top5 = np.argsort(-p, kind="stable")[:5]
         assert records[image]["label"] == labels[image]
         assert records[image]["top5"] == top5.tolist()
-        np.testing.assert_allclose(records[image]["probs"], p[top5], rtol=1e-6)
+        assert records[image]["probs"] == p[top5].tolist()  # the same bits, whatever the batch
 
 
 def test_the_three_dataset_forms_give_the_same_records(labelled, weights, tmp_path):
