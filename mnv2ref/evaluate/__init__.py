@@ -27,8 +27,8 @@ from .datasets import Sample, load_dataset
 from .pipeline import Job, _classifiers, load_foreign, run_local
 from .results import ResultsLog, card_comparison, format_summary, summarize, write_summary
 
-__all__ = ["evaluate", "Job", "Interrupted", "load_foreign", "load_dataset", "summarize", "format_summary",
-           "card_comparison", "write_summary"]
+__all__ = ["evaluate", "Job", "Interrupted", "Sample", "load_foreign", "load_dataset", "summarize",
+           "format_summary", "card_comparison", "write_summary"]
 
 DEFAULT_BATCH_SIZE = 16
 

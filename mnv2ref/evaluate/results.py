@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 from ..errors import InputError
 from ..files import atomic_write, os_error
