@@ -327,3 +327,14 @@ def test_embedding_shards_equal_embed_and_resume(labelled, synthetic, weights, t
     assert (tmp_path / "emb" / "shard-00000.npz").stat().st_mtime_ns == before
     assert np.array_equal(stored()[0], expected)
     assert json.loads((tmp_path / "emb" / "index.json").read_text())["images"] == COUNT + 1
+
+
+def test_a_1000_class_model_is_numbered_like_tf_slim():
+    from mnv2ref.errors import WeightsError
+    from mnv2ref.evaluate.pipeline import _tf_slim_classes
+
+    keras = np.full((2, 1000), 1e-4, np.float32)
+    keras[:, 281] = 0.9  # Keras's tabby cat is TF-slim's class 282
+    assert _tf_slim_classes(keras, 1001, "k.h5").argmax(axis=1).tolist() == [282, 282]
+    with pytest.raises(WeightsError, match="k.h5 gives 10 classes, the reference 1001"):
+        _tf_slim_classes(np.ones((1, 10)), 1001, "k.h5")

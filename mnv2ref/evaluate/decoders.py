@@ -62,6 +62,13 @@ def _effect(model, reference, images) -> dict:
             "embedding_change": float(np.median(change))}
 
 
+def _row(name: str, model, reference, pillow, other) -> dict:
+    """Pixel differences of the images `other` from Pillow's, and their effect."""
+    difference = np.concatenate([np.abs(a.astype(int) - b).ravel() for a, b in zip(pillow, other)])
+    return {"decoder": name, "max_level": int(difference.max()), "mean_level": float(difference.mean()),
+            "pixels_differing": float(np.mean(difference > 0)), **_effect(model, reference, other)}
+
+
 def study(weights=None, count: int = 64, qualities=QUALITIES, seed: int = 0) -> list:
     """One row per quality (and per noise level): pixel differences and their effect."""
     model = _classifiers(str(weights or default_weights()), True, None)[0]
@@ -71,31 +78,25 @@ def study(weights=None, count: int = 64, qualities=QUALITIES, seed: int = 0) -> 
         for quality in qualities:
             paths = make_jpegs(f"{folder}/{quality}", count, IMAGENET_LIKE_SIZES, quality, seed=seed)
             pillow = [load_image(p) for p in paths]
-            fast = [decode_like_tensorflow(p) for p in paths]
             reference = _outputs(model, pillow)
-            difference = np.concatenate([np.abs(a.astype(int) - b).ravel() for a, b in zip(pillow, fast)])
-            rows.append({"decoder": f"IFAST, quality {quality}", "max_level": int(difference.max()),
-                         "mean_level": float(difference.mean()),
-                         "pixels_differing": float(np.mean(difference > 0)), **_effect(model, reference, fast)})
-            if quality == qualities[-1]:
-                for level in (1, 2):
-                    noisy = [np.clip(i.astype(int) + rng.integers(-level, level + 1, i.shape), 0, 255)
-                             .astype(np.uint8) for i in pillow]
-                    rows.append({"decoder": f"noise +-{level}, quality {quality}", "max_level": level,
-                                 "mean_level": float(np.mean([np.abs(n.astype(int) - i).mean()
-                                                              for n, i in zip(noisy, pillow)])),
-                                 "pixels_differing": float(np.mean([np.mean(n != i) for n, i in zip(noisy, pillow)])),
-                                 **_effect(model, reference, noisy)})
+            rows.append(_row(f"IFAST, quality {quality}", model, reference, pillow,
+                             [decode_like_tensorflow(p) for p in paths]))
+        for level in (1, 2):  # on the last quality's images
+            noisy = [np.clip(i.astype(int) + rng.integers(-level, level + 1, i.shape), 0, 255).astype(np.uint8)
+                     for i in pillow]
+            rows.append(_row(f"noise +-{level}, quality {quality}", model, reference, pillow, noisy))
     return rows
 
 
 def format_study(rows: list) -> str:
+    """The study as a Markdown table."""
     header = ("| decoded with | max diff | mean diff | pixels differing | top-1 agrees | top-5 set same "
               "| max prob gap | median gap | embedding change (median) |")
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['decoder']} | {r['max_level']} | {r['mean_level']:.3f} | {r['pixels_differing']:.1%} "
-                     f"| {r['top1_agreement']:.1%} | {r['top5_same_set']:.1%} | {r['max_gap']:.2e} "
+        lines.append(f"| {r['decoder']} | {r['max_level']} | {r['mean_level']:.3f} "
+                     f"| {r['pixels_differing']:.1%} | {r['top1_agreement']:.1%} "
+                     f"| {r['top5_same_set']:.1%} | {r['max_gap']:.2e} "
                      f"| {r['median_gap']:.2e} | {r['embedding_change']:.2%} |")
     return "\n".join(lines)
 

@@ -163,7 +163,8 @@ class Job:
         ours = self._run(reference.predict, batch)
         if foreign is None:
             return failed(failures) + score(read, ours)
-        return failed(failures) + score(read, foreign.predict(batch), reference=ours)
+        return failed(failures) + score(read, _tf_slim_classes(foreign.predict(batch), ours.shape[1],
+                                                               self.foreign), reference=ours)
 
 
     def embed(self, batch) -> np.ndarray:
@@ -175,6 +176,17 @@ class Job:
 
         with _threads(self.threads):
             return method(batch, backend=self.backend)
+
+
+def _tf_slim_classes(probs: np.ndarray, classes: int, source: str) -> np.ndarray:
+    """A foreign model's (N, classes) probabilities in TF-slim's numbering. A
+    1000-class model (Keras Applications drop the background class) gets a
+    zero column 0, so that its class k is TF-slim's k + 1."""
+    if probs.shape[1] == classes - 1:
+        return np.concatenate([np.zeros((len(probs), 1), probs.dtype), probs], axis=1)
+    if probs.shape[1] != classes:
+        raise WeightsError(f"{source} gives {probs.shape[1]} classes, the reference {classes}")
+    return probs
 
 
 @lru_cache(maxsize=4)
