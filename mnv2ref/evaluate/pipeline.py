@@ -7,7 +7,9 @@
 Decoding a JPEG and the TF-slim preprocessing are plain single-threaded
 Python/C work per image, while `MobileNetV2.predict` is Numba kernels that
 release the GIL and use every core; running the first in K worker processes
-lets both proceed at once. Batches are yielded in order, so the results of a
+lets both proceed at once. Processes, not threads: `load_image` decodes
+under a lock (Pillow's truncated-file switch is global), so threads would
+decode one at a time. Batches are yielded in order, so the results of a
 run do not depend on K, and each image is preprocessed by exactly the same
 code (`load_batch`) as in the Dask engine and a serial loop.
 """
