@@ -17,6 +17,7 @@ sorted WordNet-id order (line i of ``imagenet_labels_1001.tsv``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -80,7 +81,7 @@ def read_validation_labels(path=VALIDATION_LABELS) -> List[int]:
 def load_dataset(dataset, labels=None, limit: Optional[int] = None) -> List[Sample]:
     """The samples of DATASET (a folder or a list file, see the module docstring),
     in a fixed order (by file number, WordNet id then name, or list order),
-    at most `limit` of them. `labels` replaces the bundled validation labels
+    at most `limit` of them, with absolute paths. `labels` replaces the bundled validation labels
     for an ``ILSVRC2012_val_*`` folder."""
     path = Path(dataset)
     if path.is_file():
@@ -95,6 +96,9 @@ def load_dataset(dataset, labels=None, limit: Optional[int] = None) -> List[Samp
                          "path<TAB>label list file")
     if not samples:
         raise InputError(f"dataset {path} holds no images")
+    # Absolute paths: the same names for a run resumed from another folder
+    # and for Dask workers started elsewhere.
+    samples = [Sample(os.path.abspath(s.image), s.label) for s in samples]
     return samples[:limit] if limit else samples
 
 
