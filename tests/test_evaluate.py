@@ -165,6 +165,20 @@ def test_cli_prints_the_comparison_with_the_card(labelled, weights, tmp_path, ca
     assert set(summary) >= {"images", "top1", "top5", "top1_ci", "top5_ci", "skipped", "images_per_s", "card"}
 
 
+def test_results_to_stdout(labelled, weights, capsys):
+    from mnv2ref.cli import main
+    from mnv2ref.evaluate import load_dataset
+
+    folder, labels_file, _, labels = labelled
+    code = main(["evaluate", str(folder), "--labels", str(labels_file), "-w", str(weights),
+                 "--workers", "0", "--limit", "3", "-o", "-", "-q"])
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["image"] for r in records] == [s.image for s in load_dataset(folder, limit=3)]
+    assert [r["label"] for r in records] == [labels[r["image"]] for r in records]
+    assert "images 3, skipped 0" in err  # the summary goes to stderr then
+
+
 def test_dataset_errors_name_the_place(tmp_path, labelled):
     from mnv2ref.evaluate.datasets import load_dataset
 
