@@ -314,13 +314,17 @@ def cmd_verify(args):
     """Exit 0 = within tolerance, 1 = diverges, 2 = could not run."""
     try:
         from .verify import verify
+        from .verify.interface import parse
 
         report = verify(args.model, images=args.image, weights=args.weights, tolerance=args.tolerance,
-                        threads=args.threads, use_ema=not args.raw)
+                        threads=args.threads, use_ema=not args.raw,
+                        interface=parse(args.interface) if args.interface else None)
         # With --json - the JSON alone is stdout; the table goes to stderr.
         print(report.format(), file=sys.stderr if args.json == "-" else sys.stdout)
         if args.json:
             _write_json_report(report.to_json(), args.json)
+    except BrokenPipeError:
+        raise  # the reader went away: not an error (see run())
     except (Mnv2refError, OSError) as error:
         print(f"mnv2ref: error: {error}", file=sys.stderr)
         return 2
@@ -489,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 5e-5 for float32 models)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON (- for stdout)")
     p.add_argument("--threads", type=positive_int, help="threads of the foreign runtime")
+    p.add_argument("--interface", help="the input the model is meant to take: original, converted, or "
+                   "LAYOUT,COLOR,SCALE (default: what it declares, else the model card's for its layout)")
     return parser
 
 

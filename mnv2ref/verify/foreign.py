@@ -56,18 +56,24 @@ class ForeignModel:
     @property
     def interface(self) -> dict:
         """The interface `predict` converts to: the detected one once
-        `verify` (or `detect_interface`) has run, else the declared one;
-        detected against the default weights on first use otherwise."""
+        `verify` (or `detect_interface`) has run or the one set, else the
+        declared one, else the model card's for the input layout (NHWC: RGB
+        [-1, 1]; NCHW: BGR 0-255, as the card's converted model)."""
         if self._interface is None:
-            self._interface = self.declared if self._declares_all() else self.detect_interface()
+            from .interface import expected
+
+            self._interface = expected(self.declared, self.layout or "NHWC")[0]
         return self._interface
 
     @interface.setter
     def interface(self, value: dict) -> None:
-        self._interface = dict(value)
+        from ..interfaces import COLORS, LAYOUTS
+        from .interface import TRIED_SCALES
 
-    def _declares_all(self) -> bool:
-        return bool(self.declared) and all(k in self.declared for k in ("layout", "color", "scale"))
+        for key, choices in (("layout", LAYOUTS), ("color", COLORS), ("scale", TRIED_SCALES)):
+            if value.get(key) not in choices:
+                raise InputError(f"interface {key} must be one of {', '.join(choices)}, got {value.get(key)!r}")
+        self._interface = dict(value)
 
     def detect_interface(self, reference=None, x: Optional[np.ndarray] = None) -> dict:
         """Find the interface by running the candidates on `x` (our input,

@@ -23,6 +23,8 @@ from ..architecture import BATCH_NORM_EPSILON
 from ..compare import relative_error
 
 PYTORCH_EPSILON = 1e-5
+# A resize done on 8-bit pixels rounds each to 1/255: 2/255 of the [-1, 1] range at most.
+UINT8_ROUNDING = 1e-2
 
 # Bugs applied to a layer's computation, and how they are described.
 LAYER_BUGS = {
@@ -64,59 +66,64 @@ def conv_bn(conv, x: np.ndarray, bug: Optional[str] = None) -> np.ndarray:
     return np.maximum(y, y.dtype.type(0)) if bug == "relu" else L.relu6(y)
 
 
-def layer_endpoints(layer, x: np.ndarray, bug: Optional[str] = None) -> dict:
-    """The endpoints of one of `model.layers` on input x, with `bug` applied."""
-    kind = type(layer).__name__
-    if bug in INPUT_BUGS:
-        x = INPUT_BUGS[bug](x)
-    if kind == "ConvLayer":
-        return {layer.name: conv_bn(layer.conv, x, bug)}
-    if kind != "InvertedResidual":
-        return {layer.name: layer(x)}
-    out, h = {}, x
-    if layer.expand is not None:
-        h = out[f"{layer.name}/expansion_output"] = conv_bn(layer.expand, h, bug)
-    h = out[f"{layer.name}/depthwise_output"] = conv_bn(layer.depthwise, h, bug)
-    h = conv_bn(layer.project, h, bug)
-    if layer.spec.residual:
-        out[f"{layer.name}/projection_output"] = h
-        if bug != "no_residual":
-            h = h + x
-    out[layer.name] = h
-    return out
-
-
-def network_endpoints(model, x: np.ndarray, bug: str, until: str) -> dict:
-    """Every endpoint up to layer `until` with `bug` applied in every layer."""
-    out = {}
+def producers(model) -> dict:
+    """{endpoint: (operation, [input endpoints])} for every endpoint: an
+    operation is a `ConvBN`, "add" (the residual), or a layer object
+    (global pool, logits, softmax); None as an input is the network input."""
+    found, previous = {}, None
     for layer in model.layers:
-        found = layer_endpoints(layer, x, bug)
-        out.update(found)
-        x = found[layer.name]
-        if layer.name == until:
-            break
-    return out
+        kind = type(layer).__name__
+        if kind == "ConvLayer":
+            found[layer.name] = (layer.conv, [previous])
+        elif kind == "InvertedResidual":
+            h = previous
+            if layer.expand is not None:
+                h = f"{layer.name}/expansion_output"
+                found[h] = (layer.expand, [previous])
+            found[f"{layer.name}/depthwise_output"] = (layer.depthwise, [h])
+            if layer.spec.residual:
+                found[f"{layer.name}/projection_output"] = (layer.project, [f"{layer.name}/depthwise_output"])
+                found[layer.name] = ("add", [f"{layer.name}/projection_output", previous])
+            else:
+                found[layer.name] = (layer.project, [f"{layer.name}/depthwise_output"])
+        else:
+            found[layer.name] = (layer, [previous])
+        previous = layer.name
+    return found
 
 
-def layer_of(endpoint: str) -> str:
-    return endpoint.split("/")[0]
+def recompute(model, endpoint: str, x: np.ndarray, given: dict, bug: Optional[str] = None,
+              _producers: Optional[dict] = None) -> np.ndarray:
+    """Our `endpoint` with `bug` applied, computed from the nearest inputs in
+    `given` ({endpoint: array}, e.g. their tensors), or further back from
+    the network input x where they are missing. With `given` empty the bug
+    is in every layer."""
+    table = _producers or producers(model)
+    operation, inputs = table[endpoint]
+    values = [x if name is None else given[name] if name in given else
+              recompute(model, name, x, given, bug, table) for name in inputs]
+    if operation == "add":
+        return values[0] if bug == "no_residual" else values[0] + values[1]
+    if not hasattr(operation, "spec"):
+        return operation(values[0])
+    if inputs == [None] and bug in INPUT_BUGS:
+        values[0] = INPUT_BUGS[bug](values[0])
+    return conv_bn(operation, values[0], bug)
 
 
-def applicable(model, layer_name: str) -> list:
-    """The bugs that can change this layer's output."""
-    layer = model.layers[model.layer_names.index(layer_name)]
-    kind = type(layer).__name__
-    if kind not in ("ConvLayer", "InvertedResidual"):
+def applicable(model, endpoint: str) -> list:
+    """The bugs that can change this endpoint given correct inputs."""
+    operation, inputs = producers(model)[endpoint]
+    if operation == "add":
+        return ["no_residual"]
+    if not hasattr(operation, "spec"):
         return []
-    convs = [layer.conv] if kind == "ConvLayer" else [c for c in (layer.expand, layer.depthwise, layer.project) if c]
     bugs = ["epsilon"]
-    if any(c.spec.stride == 2 for c in convs):
+    if operation.spec.stride == 2:
         bugs.append("symmetric_padding")
-    if any(c.spec.relu6 for c in convs):
+    if operation.spec.relu6:
         bugs.append("relu")
-    if kind == "InvertedResidual" and layer.spec.residual:
-        bugs.append("no_residual")
-    if model.layer_names.index(layer_name) == 0:
+    if inputs == [None]:
         bugs += list(INPUT_BUGS)
     return bugs
 
@@ -127,7 +134,9 @@ def evidence(bug: str, endpoint: str, ours: np.ndarray, theirs: np.ndarray, mode
     total = error.sum() or 1.0
     if bug == "symmetric_padding":
         edge = error[:, 0, :, :].sum() + error[:, 1:, 0, :].sum()
-        return f" ({edge / total:.0%} of the error of {endpoint} is on its first row and column)"
+        h, w = error.shape[1:3]
+        return (f" ({edge / total:.0%} of the error of {endpoint} is on its first row and column, "
+                f"which hold {(h + w - 1) / (h * w):.0%} of its pixels)")
     if bug == "relu":
         at_six = error[ours >= 6].sum()
         return f" ({at_six / total:.0%} of the error of {endpoint} is where ours is clipped at 6)"
@@ -139,7 +148,7 @@ def evidence(bug: str, endpoint: str, ours: np.ndarray, theirs: np.ndarray, mode
             variance = conv.moving_variance
             rank = int((variance < variance[worst]).sum())
             return (f" (the largest error is on channel {worst}, whose moving variance {variance[worst]:.2g} "
-                    f"is the {_ordinal(rank + 1)} smallest of {variance.size})")
+                    f"is the {_ordinal(rank + 1)}smallest of {variance.size})")
     return ""
 
 
@@ -148,14 +157,8 @@ def _ordinal(n: int) -> str:
 
 
 def _last_conv(model, endpoint: str):
-    layer = model.layers[model.layer_names.index(layer_of(endpoint))]
-    if type(layer).__name__ == "ConvLayer":
-        return layer.conv
-    if type(layer).__name__ != "InvertedResidual":
-        return None
-    if endpoint.endswith("expansion_output"):
-        return layer.expand
-    return layer.depthwise if endpoint.endswith("depthwise_output") else layer.project
+    operation = producers(model)[endpoint][0]
+    return operation if hasattr(operation, "spec") else None
 
 
 def explain(model, first: str, x: np.ndarray, ours: dict, theirs: dict, tolerance: float,
@@ -165,39 +168,31 @@ def explain(model, first: str, x: np.ndarray, ours: dict, theirs: dict, toleranc
     x: our network input; ours: our endpoints on it; theirs: {endpoint:
     array} their mapped tensors, in our layout; raw_model: the same
     checkpoint's raw variables, when it also has EMA shadows."""
-    layer_name = layer_of(first)
-    if layer_name not in model.layer_names:
-        return []
-    index = model.layer_names.index(layer_name)
-    layer = model.layers[index]
-    previous = model.layer_names[index - 1] if index else None
-    layer_input = x if previous is None else theirs.get(previous, ours[previous])
     target = theirs[first]
+    if target.shape != ours[first].shape:  # Keras's 1000 classes: none of our bugs is about them
+        return []
     baseline = relative_error(target, ours[first])
+    inputs = {k: v for k, v in theirs.items() if k != first}
 
     def fits(candidate: np.ndarray) -> bool:
         error = relative_error(target, candidate)
         return error <= tolerance and error < baseline
 
-    hints = []
-    for bug in applicable(model, layer_name):
-        if fits(layer_endpoints(layer, layer_input, bug)[first]):
-            hints.append(_describe(bug, layer_name, first, ours[first], target, model))
-    if raw_model is not None and index < len(raw_model.layers):
-        if fits(layer_endpoints(raw_model.layers[index], layer_input)[first]):
-            hints.append(f"raw weights instead of their moving averages at {layer_name}: TF-slim evaluates "
-                         "with the ExponentialMovingAverage shadows (the `/ExponentialMovingAverage` "
-                         "variables of the checkpoint), your weights are the raw training variables")
+    hints = [_describe(bug, first, first, ours[first], target, model)
+             for bug in applicable(model, first) if fits(recompute(model, first, x, inputs, bug))]
+    if raw_model is not None and fits(recompute(raw_model, first, x, inputs)):
+        hints.append(f"raw weights instead of their moving averages at {first}: TF-slim evaluates "
+                     "with the ExponentialMovingAverage shadows (the `/ExponentialMovingAverage` "
+                     "variables of the checkpoint), your weights are the raw training variables")
     if hints:
         return hints
     # A bug in every layer may cross the tolerance only after several layers.
     for bug in SPREAD_BUGS:
-        if bug in applicable(model, layer_name) and fits(network_endpoints(model, x, bug, layer_name)[first]):
+        if fits(recompute(model, first, x, {}, bug)):
             hints.append(_describe(bug, "every layer", first, ours[first], target, model))
-    if raw_model is not None and not hints:
-        if fits(raw_model.endpoints(x, until=layer_name)[first]):
-            hints.append("raw weights instead of their moving averages (in every layer): TF-slim evaluates "
-                         "with the ExponentialMovingAverage shadows of the checkpoint")
+    if raw_model is not None and not hints and fits(recompute(raw_model, first, x, {})):
+        hints.append("raw weights instead of their moving averages (in every layer): TF-slim evaluates "
+                     "with the ExponentialMovingAverage shadows of the checkpoint")
     return hints
 
 
@@ -221,23 +216,38 @@ def raw_twin(model):
 # Preprocessing ---------------------------------------------------------------
 
 def resize_variants(images, size: tuple) -> dict:
-    """{description: (N, H, W, 3) input} made with the usual wrong resizes."""
+    """{description: (N, H, W, 3) input in [-1, 1]} made with the usual wrong
+    resizes, from the images."""
     from PIL import Image
 
     from ..preprocessing import central_crop, load_image, preprocess, to_unit_float
 
-    variants = {"Pillow's bilinear resize (antialiased), not TF1's legacy bilinear": [],
-                "half-pixel-centre bilinear (TF2 tf.image.resize, OpenCV), not TF1's legacy bilinear": [],
-                "no central crop (TF-slim keeps the central 87.5%)": []}
-    keys = list(variants)
-    for path in images:
-        rgb = load_image(path)
-        crop = central_crop(rgb)
-        pil = np.asarray(Image.fromarray(crop).resize((size[1], size[0]), Image.BILINEAR))
-        variants[keys[0]].append((to_unit_float(pil) - np.float32(0.5)) * np.float32(2))
-        variants[keys[1]].append((_half_pixel_bilinear(to_unit_float(crop), size) - np.float32(0.5)) * np.float32(2))
-        variants[keys[2]].append(preprocess(rgb, size=size, central_fraction=None))
-    return {k: np.stack(v) for k, v in variants.items()}
+    def scaled(unit):
+        return (unit - np.float32(0.5)) * np.float32(2)
+
+    def pillow(rgb, height, width):
+        return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+
+    def torchvision(rgb):
+        """Resize(256) + CenterCrop(224), scaled to the size: PyTorch's ImageNet evaluation."""
+        short = round(min(size) * 256 / 224)
+        h, w = rgb.shape[:2]
+        resized = pillow(rgb, *((short, round(w * short / h)) if h <= w else (round(h * short / w), short)))
+        top, left = (resized.shape[0] - size[0]) // 2, (resized.shape[1] - size[1]) // 2
+        return resized[top:top + size[0], left:left + size[1]]
+
+    makers = {
+        "Pillow's bilinear resize (antialiased), not TF1's legacy bilinear":
+            lambda rgb: scaled(to_unit_float(pillow(central_crop(rgb), *size))),
+        "half-pixel-centre bilinear (TF2 tf.image.resize, OpenCV), not TF1's legacy bilinear":
+            lambda rgb: scaled(_half_pixel_bilinear(to_unit_float(central_crop(rgb)), size)),
+        "no central crop (TF-slim keeps the central 87.5% before resizing)":
+            lambda rgb: preprocess(rgb, size=size, central_fraction=None),
+        "torchvision's Resize(256) + CenterCrop(224), not TF-slim's central crop 87.5% + legacy bilinear":
+            lambda rgb: scaled(to_unit_float(torchvision(rgb))),
+    }
+    rgbs = [load_image(path) for path in images]
+    return {description: np.stack([make(rgb) for rgb in rgbs]) for description, make in makers.items()}
 
 
 def _half_pixel_bilinear(image: np.ndarray, size: tuple) -> np.ndarray:
@@ -252,15 +262,15 @@ def _half_pixel_bilinear(image: np.ndarray, size: tuple) -> np.ndarray:
     return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
 
 
-def explain_input(theirs_as_ours: np.ndarray, images, tolerance: float) -> list:
-    """Hints for a dump whose `input` is not our preprocessing of the images."""
-
-    hints = []
-    for description, candidate in resize_variants(images, theirs_as_ours.shape[1:3]).items():
-        if relative_error(theirs_as_ours, candidate) <= max(tolerance, 1e-3):
-            hints.append(f"wrong preprocessing: their input is made with {description}")
-    if not hints:
-        hints.append("their `input` is not TF-slim's eval preprocessing of the image(s) given "
-                     "(pass the same images with --image; check the central crop, the resize kernel "
-                     "and the scaling to [-1, 1])")
-    return hints
+def explain_input(theirs_as_ours: np.ndarray, ours: np.ndarray, images, tolerance: float) -> list:
+    """Hints for a dump whose `input` is not our preprocessing `ours` of the
+    images: the preprocessing variant that reproduces it, if one does (up to
+    the rounding of an 8-bit resize) clearly better than ours."""
+    variants = resize_variants(images, theirs_as_ours.shape[1:3])
+    errors = {description: relative_error(theirs_as_ours, candidate) for description, candidate in variants.items()}
+    description = min(errors, key=errors.get)
+    if errors[description] <= max(tolerance, UINT8_ROUNDING) and \
+            errors[description] < 0.5 * relative_error(theirs_as_ours, ours):
+        return [f"wrong preprocessing: their input is made with {description}"]
+    return ["their `input` is not TF-slim's eval preprocessing of the image(s) given (pass the same "
+            "images with --image; check the central crop, the resize kernel and the scaling to [-1, 1])"]

@@ -1,6 +1,6 @@
 """Which foreign tensor is which of our endpoints.
 
-Three passes, each only filling endpoints the earlier ones left open:
+Three passes:
 
 1. Names, where they survive: TF-slim (`MobilenetV2/expanded_conv_3/expand/Relu6`),
    Keras (`block_3_expand_relu`, `block_3_project_BN`, `block_3_add`,
@@ -10,9 +10,11 @@ Three passes, each only filling endpoints the earlier ones left open:
    is usually folded and ReLU6 fused, so the later op may be missing).
 2. Structure, when the graph says what made each tensor: its convolutions,
    in order, are ours, one for one; a conv's endpoint is the last tensor of
-   the chain of same-shaped ops it starts (bias, BatchNorm, Clip/ReLU6), and
-   a block's output is the residual add that follows, if there is one.
-3. Order and shape, for the rest: the first tensor of the endpoint's shape
+   the chain of same-shaped ops it starts (bias, BatchNorm, Clip/ReLU6,
+   quantize/dequantize), and a block's output is the residual add that
+   follows, if there is one. Where it applies it overrides the names (only
+   our own endpoint names beat it).
+3. Order and shape, for the endpoints still open: the first tensor of the endpoint's shape
    after the tensor of the endpoint before it, and before the one of the
    endpoint after it.
 
@@ -60,13 +62,13 @@ def name_rules(model) -> list:
              (r"(^|/)Conv1_relu", "layer_1", 1), (r"(^|/)bn_Conv1", "layer_1", 2),
              (r"(^|/)out_relu", f"layer_{last}", 1), (r"(^|/)Conv_1_bn", f"layer_{last}", 2),
              (r"global_average_pooling2d", "global_pool", 1),
-             (r"predictions[^/]*/BiasAdd", "Logits", 1), (r"predictions[^/]*/MatMul", "Logits", 2), (r"predictions[^/]*/Softmax|^predictions$",
-                                                                   "Predictions", 1),
+             (r"predictions[^/]*/BiasAdd", "Logits", 1), (r"predictions[^/]*/MatMul", "Logits", 2),
+             (r"predictions[^/]*/Softmax|^predictions$", "Predictions", 1),
              # torchvision
              (r"(^|\.)features\.0$", "layer_1", 1), (rf"(^|\.)features\.{last - 1}$", f"layer_{last}", 1),
              (r"(^|\.)classifier(\.1)?$", "Logits", 1)]
     for index in range(2, last):
-        layer, r = f"layer_{index}", roles[f"layer_{index}"]
+        r = roles[f"layer_{index}"]
         slim = "expanded_conv" + (f"_{index - 2}" if index > 2 else "")
         keras = f"block_{index - 2}" if index > 2 else "expanded_conv"
         torch = rf"(^|\.)features\.{index - 1}"
@@ -93,18 +95,40 @@ def name_rules(model) -> list:
 
 def fit(foreign_shape: tuple, our_shape: tuple, layout: Optional[str]) -> Optional[str]:
     """How a foreign tensor's shape becomes our endpoint's: "same", "nchw"
-    (transpose (0, 2, 3, 1)), "reshape" ((N, C) <-> (N, 1, 1, C)), or None
-    when it cannot. The model's layout decides when both would do."""
+    (transpose (0, 2, 3, 1)), "reshape" ((N, C) <-> (N, 1, 1, C)),
+    "classes" (1000 classes for our 1001: compare with ours less class 0),
+    or None when it cannot. `layout` (the graph's inner layout) decides when both
+    would do, e.g. for (N, 48, 48, 48)."""
     foreign_shape, our_shape = tuple(foreign_shape), tuple(our_shape)
     transposed = (foreign_shape[0], *foreign_shape[2:], foreign_shape[1]) if len(foreign_shape) == 4 else None
     if transposed == our_shape and (layout == "NCHW" or foreign_shape != our_shape):
         return "nchw"
     if foreign_shape == our_shape:
         return "same"
+    if len(our_shape) == 2 == len(foreign_shape) and foreign_shape == (our_shape[0], our_shape[1] - 1) \
+            and our_shape[1] == 1001:
+        return "classes"  # Keras's 1000 ImageNet classes: TF-slim's without background
     if (len(our_shape) == 4 and our_shape[1:3] == (1, 1) and len(foreign_shape) in (2, 4)
             and foreign_shape[0] == our_shape[0] and int(_size(foreign_shape)) == int(_size(our_shape))):
         return "reshape"
     return None
+
+
+def inner_layout(ours: dict, shapes: dict) -> Optional[str]:
+    """The layout of a model's intermediate tensors, which need not be its
+    input's (an NHWC graph may compute in NCHW): the one that most tensors
+    with an unambiguous fit to one of our endpoints use."""
+    votes = {"same": 0, "nchw": 0}
+    for shape in shapes.values():
+        if len(shape) != 4:
+            continue
+        ways = {fit(shape, our, layout) for our in ours.values() if len(our) == 4
+                for layout in ("NHWC", "NCHW")} & set(votes)
+        if len(ways) == 1:
+            votes[ways.pop()] += 1
+    if votes["same"] == votes["nchw"]:
+        return None
+    return "NCHW" if votes["nchw"] > votes["same"] else "NHWC"
 
 
 def _size(shape) -> int:
@@ -114,8 +138,18 @@ def _size(shape) -> int:
     return n
 
 
+def without_background(ours: dict) -> dict:
+    """Our Logits and Predictions over classes 1..1000, as Keras has them
+    (its softmax runs over those 1000 only)."""
+    from ..layers import softmax
+
+    logits = ours["Logits"][:, 1:]
+    return {"Logits": logits, "Predictions": softmax(logits)}
+
+
 def to_ours(value, how: str, our_shape: tuple):
-    """A foreign array in our endpoint's layout and shape (see `fit`)."""
+    """A foreign array in our endpoint's layout and shape (see `fit`;
+    "classes" arrays stay as they are)."""
     if how == "nchw":
         return value.transpose(0, 2, 3, 1)
     if how == "reshape":
@@ -130,6 +164,7 @@ def align(model, ours: dict, tensors: list, shapes: dict, layout: Optional[str])
     execution order; shapes: {tensor name: shape}."""
     names = [t.name for t in tensors]
     position = {name: i for i, name in enumerate(names)}
+    layout = inner_layout(ours, shapes) or layout
     found = {}
 
     def claim(endpoint, name, priority):
@@ -151,10 +186,11 @@ def align(model, ours: dict, tensors: list, shapes: dict, layout: Optional[str])
         if OURS.match(name) and name in ours:
             claim(name, name, 0)
 
-    structural = _structure(model, ours, tensors, shapes, layout)
-    for endpoint, name in structural.items():
-        if endpoint not in found or found[endpoint][2] >= 2:
-            found[endpoint] = (name, fit(shapes[name], ours[endpoint], layout), 1.5)
+    # The graph's own structure beats names: a quantizer may fuse a ReLU6 into
+    # its conv and leave the conv's (unclipped) output with the ReLU6's name.
+    for endpoint, name in _structure(model, ours, tensors, shapes, layout).items():
+        if endpoint not in found or found[endpoint][2] > 0:
+            found[endpoint] = (name, fit(shapes[name], ours[endpoint], layout), 0.5)
 
     order = list(ours)
     for i, endpoint in enumerate(order):

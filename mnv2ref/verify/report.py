@@ -20,7 +20,20 @@ import numpy as np
 # agree to float32 rounding (the goldens: at most 1.1e-5 on the real weights);
 # a float16 or int8 model is not expected to, and is judged by what its
 # precision can give.
-TOLERANCES = {"float32": 5e-5, "float16": 2e-2, "int8": 0.25}
+TOLERANCES = {"float32": 5e-5, "float16": 0.1, "int8": 0.25}
+# A low-precision model's largest error sits on a few outliers (values near a
+# quantization bound); a wrong computation also turns the tensor's direction.
+# So there an endpoint diverges only when its cosine similarity drops too.
+COSINE_FLOORS = {"float16": 0.999, "int8": 0.95}
+
+
+def beyond(match: "EndpointMatch", tolerance: float, precision: str = "float32") -> bool:
+    """Whether a matched endpoint is beyond tolerance: its max relative
+    error exceeds `tolerance`, and for a float16/int8 model its cosine
+    similarity is also below that precision's floor."""
+    if match.foreign is None or match.max_rel_err <= tolerance:
+        return False
+    return precision not in COSINE_FLOORS or match.cosine < COSINE_FLOORS[precision]
 
 
 @dataclass
@@ -94,7 +107,9 @@ class VerifyReport:
         width = max([len(m.name) for m in self.endpoints] + [8])
         rows = [f"model      {self.model}",
                 f"interface  {self.interface['layout']}, {self.interface['color']}, {self.interface['scale']}",
-                f"precision  {self.precision} (tolerance {self.tolerance:g} of each endpoint's range)",
+                f"precision  {self.precision} (tolerance {self.tolerance:g} of each endpoint's range"
+                + (f", or cosine similarity >= {COSINE_FLOORS[self.precision]:g})"
+                   if self.precision in COSINE_FLOORS else ")"),
                 "",
                 f"{'endpoint':<{width}}  {'max rel err':>11}  {'cosine':>10}  their tensor"]
         for m in self.endpoints:
@@ -102,7 +117,7 @@ class VerifyReport:
                 rows.append(f"{m.name:<{width}}  {'-':>11}  {'-':>10}  (no matching tensor)")
                 continue
             flag = "  <-- first divergence" if m.name == self.first_divergence else (
-                "  !" if m.max_rel_err > self.tolerance else "")
+                "  !" if beyond(m, self.tolerance, self.precision) else "")
             rows.append(f"{m.name:<{width}}  {m.max_rel_err:>11.2e}  {m.cosine:>10.7f}  {m.foreign}{flag}")
         rows.append("")
         rows += [f"note: {n}" for n in self.notes]
@@ -121,8 +136,10 @@ class VerifyReport:
             growth = (f"; {self.precision} error grows from {matched[0].max_rel_err:.1e} ({matched[0].name}) "
                       f"to {matched[-1].max_rel_err:.1e} ({matched[-1].name})")
         if self.passed:
-            return (f"PASS: {len(matched)} of {len(self.endpoints)} endpoints match within "
-                    f"{self.tolerance:g} (worst {worst.max_rel_err:.1e} at {worst.name}){growth}")
+            within = (f"within {self.tolerance:g} or with cosine >= {COSINE_FLOORS[self.precision]:g}"
+                      if self.precision in COSINE_FLOORS else f"within {self.tolerance:g}")
+            return (f"PASS: {len(matched)} of {len(self.endpoints)} endpoints match {within} "
+                    f"(worst {worst.max_rel_err:.1e} at {worst.name}){growth}")
         first = next((m for m in self.endpoints if m.name == self.first_divergence), None)
         error = f" (error {first.max_rel_err:.1e})" if first and first.max_rel_err is not None else ""
         return (f"DIVERGES: first at {self.first_divergence}{error}, tolerance {self.tolerance:g}; "

@@ -18,11 +18,25 @@ def missing(runtime: str, package: str, error: Exception) -> MissingDependencyEr
                                   f"installed ({error}): {INSTALL_HINT}")
 
 
-def load_foreign(model, threads: Optional[int] = None):
+def load_foreign(model, threads: Optional[int] = None, interface: Optional[dict] = None):
     """A `ForeignModel` for a path (.onnx, OpenVINO .xml, .tflite, Keras
-    .h5/.keras, an activation dump .npz/.h5) or a callable f(x) -> {name: array}."""
+    .h5/.keras, an activation dump .npz/.h5) or a callable f(x) -> {name: array}.
+
+    `.run(native_x)` gives every exposed tensor by name; `.predict(x)` takes
+    our interface (N, H, W, 3) RGB [-1, 1] and converts it to `interface`
+    ({"layout", "color", "scale"}; default: the one the model declares, else
+    the one `detect_interface` finds). `threads`: the runtime's thread count."""
+    foreign = _load(model, threads)
+    if interface is not None:
+        from ..interface import ORIGINAL
+
+        foreign.interface = {**ORIGINAL, **interface}
+    return foreign
+
+
+def _load(model, threads):
     if callable(model) and not isinstance(model, (str, Path)):
-        from .callable import CallableModel
+        from .function import CallableModel
 
         return CallableModel(model)
     path = Path(model)

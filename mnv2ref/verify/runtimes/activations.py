@@ -37,13 +37,7 @@ def read_dump(path) -> dict:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     else:
-        import h5py
-
-        arrays = {}
-        with h5py.File(path, "r") as f:
-            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
-                         if isinstance(obj, h5py.Dataset) else None)
-        arrays = {name: arrays[name] for name in sorted(arrays, key=_natural)}
+        arrays = _read_h5(path)
     if "input" not in arrays:
         raise InputError(f"{path}: an activation dump needs an `input` array (the network input), "
                          f"found {', '.join(list(arrays)[:8]) or 'nothing'}")
@@ -53,6 +47,32 @@ def read_dump(path) -> dict:
         if value.dtype.kind == "f" and value.ndim >= 1:
             kept[name] = value.astype(np.float32)
     return kept
+
+
+def _read_h5(path) -> dict:
+    """Every dataset of an HDF5 dump, named by its `endpoint` attribute where
+    it has one (`mnv2ref golden` writes `layer_3/expansion_output` as the
+    dataset `layer_3.expansion_output`), in the order of the root attribute
+    `endpoints` if there is one, else in natural name order."""
+    import json
+
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                endpoint = obj.attrs.get("endpoint", name)
+                arrays[endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)] = obj[()]
+
+        f.visititems(visit)
+        order = f.attrs.get("endpoints")
+    try:
+        order = json.loads(order) if isinstance(order, (str, bytes)) else list(order or ())
+    except (TypeError, ValueError):
+        order = []
+    rank = {name: i for i, name in enumerate(["input", *order])}
+    return {name: arrays[name] for name in sorted(arrays, key=lambda n: (rank.get(n, len(rank)), _natural(n)))}
 
 
 class DumpModel(ForeignModel):

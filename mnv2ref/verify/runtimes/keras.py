@@ -7,9 +7,9 @@ from typing import Optional
 
 import numpy as np
 
-from ...errors import InputError
+from ...errors import InputError, MissingDependencyError
 from ..foreign import ForeignModel, TensorInfo
-from . import missing
+from . import INSTALL_HINT
 
 
 class KerasModel(ForeignModel):
@@ -17,7 +17,9 @@ class KerasModel(ForeignModel):
         try:
             import keras
         except ImportError as error:
-            raise missing("Keras", "keras (with a backend such as jax or tensorflow)", error) from None
+            raise MissingDependencyError(
+                f"verifying a Keras model needs keras and one of its backends, which are not installed "
+                f"({error}): {INSTALL_HINT} keras jax") from None
         try:
             model = keras.models.load_model(str(path), compile=False)
         except (ValueError, OSError) as error:

@@ -41,8 +41,11 @@ class OnnxModel(ForeignModel):
         self.precision = _precision(graph, onnx)
         self.declared = _declared_interface(proto)
 
-        types = {v.name: v.type.tensor_type.elem_type
-                 for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info
+        except Exception:  # noqa: BLE001 - custom ops: expose what the graph itself types
+            inferred = graph.value_info
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred}
         types.update({o.name: o.type.tensor_type.elem_type for o in graph.output})
         floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                   onnx.TensorProto.UINT8, onnx.TensorProto.INT8}

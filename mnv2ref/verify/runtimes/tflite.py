@@ -33,13 +33,14 @@ class TfliteModel(ForeignModel):
         module = _interpreter_module()
         # Without the default XNNPACK delegate every op runs (and keeps its
         # output) on its own; a delegated subgraph would hide its intermediates.
-        resolver = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        resolvers = getattr(module, "OpResolverType", None)  # absent from old tflite_runtime releases
+        options = {"experimental_op_resolver_type": resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES} if resolvers else {}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "preserve_all_tensors is for debugging"
                 self.interpreter = module.Interpreter(
                     model_path=str(path), num_threads=threads, experimental_preserve_all_tensors=True,
-                    experimental_op_resolver_type=resolver)
+                    **options)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as error:
             raise InputError(f"{path} is not a readable TF Lite model: {error}") from None
