@@ -10,10 +10,10 @@ Three ways of getting the top-5 of the same JPEGs, timed in this process:
   preprocessing batches while this one predicts.
 
 The JPEGs are made from the shared photos at ImageNet-like sizes (about
-500 x 375, quality 90). Every run takes the best of `repeat` rounds,
-alternating the three, because the machine may be shared. The pipeline's
-rate is also given in steady state (from its first batch on), which is what
-50,000 images see; the projection for the validation set uses that rate.
+500 x 375, quality 90). The rounds alternate the three loops, and the rates
+are medians of per-image (per-batch) times, because the machine may be
+shared; the pipeline's is its steady state, once its queue has filled,
+which is what 50,000 images see, and the projection uses it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from ..preprocessing import load_image, preprocess
 from .datasets import Sample
 from .pipeline import Job, _classifiers, default_workers, run_local
@@ -81,60 +82,73 @@ def _cpu_seconds() -> float:
 
 
 def _serial(model, paths, backend: str):
-    """(seconds, CPU seconds) of the one-image-at-a-time API loop."""
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    """(seconds of each image, CPU seconds) of the one-image-at-a-time API loop."""
+    cpu, times = _cpu_seconds(), []
     for path in paths:
+        start = time.perf_counter()
         model.predict(preprocess(load_image(path), backend=backend)[None])
-    return time.perf_counter() - start, _cpu_seconds() - cpu
+        times.append(time.perf_counter() - start)
+    return np.array(times), _cpu_seconds() - cpu
 
 
 def _pipeline(job: Job, samples, batch_size: int, workers: int):
-    """(seconds, CPU seconds, seconds per image from the first batch on)."""
+    """(seconds per image of each batch after the pipeline filled, CPU seconds,
+    seconds in all). A batch's time is the interval since the one before."""
     start, cpu = time.perf_counter(), _cpu_seconds()
-    first, after = None, 0
+    arrivals, sizes = [], []
     for records in run_local(samples, job, batch_size, workers):
-        if first is None:
-            first = time.perf_counter()
-        else:
-            after += len(records)
-    end = time.perf_counter()
-    return end - start, _cpu_seconds() - cpu, (end - first) / after
+        arrivals.append(time.perf_counter())
+        sizes.append(len(records))
+    settled = 2 * workers + 1  # the batches queued at the start come out at once
+    per_image = np.diff(arrivals)[settled - 1:] / np.array(sizes[settled:])
+    return per_image, _cpu_seconds() - cpu, time.perf_counter() - start
 
 
 def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
                        workers: Optional[int] = None, repeat: int = 3,
                        threads: Optional[int] = None) -> dict:
-    """Time the three loops (module docstring) on `images` JPEGs; returns a dict
-    of images/s and CPU ms per image for each loop, the speed-ups, the load
-    average around the run and the projected time for 50,000 images."""
+    """Time the three loops (module docstring) on `images` JPEGs, `repeat`
+    rounds; returns a dict of images/s and CPU ms per image for each loop,
+    the speed-ups, the load average around the run and the projected time
+    for 50,000 images. The rates are 1 / the median time per image over all
+    rounds (per image for the serial loops, per batch once the pipeline has
+    filled), robust to the bursts of other jobs on a shared machine; ``wall``
+    gives images over the whole run's time instead, pool start-up included."""
     workers = default_workers() if workers is None else workers
+    if images < batch_size * (2 * workers + 3):
+        raise InputError(f"bench --evaluate needs at least {batch_size * (2 * workers + 3)} images "
+                         f"for {workers} workers and batches of {batch_size}, got {images}")
     job = Job(str(weights), threads=threads)
     model = _classifiers(job.weights, job.use_ema, None)[0]
     load_before = os.getloadavg()[0]
-    best = {"serial_numpy_resize": (np.inf, np.inf), "serial": (np.inf, np.inf),
-            "pipeline": (np.inf, np.inf), "pipeline_steady": (np.inf, np.inf)}
+    loops = ("serial_numpy_resize", "serial", "pipeline")
+    times = {loop: [] for loop in loops}
+    cpu = {loop: np.inf for loop in loops}
+    wall = {loop: np.inf for loop in loops}
     with tempfile.TemporaryDirectory(prefix="mnv2ref-bench-") as folder:
         paths = make_jpegs(folder, images)
         samples = [Sample(str(p), 1) for p in paths]
         model.predict(preprocess(load_image(paths[0]))[None])  # compile / load the kernels
         for _ in range(repeat):
-            best["serial_numpy_resize"] = min(best["serial_numpy_resize"], _serial(model, paths, "numpy"))
-            best["serial"] = min(best["serial"], _serial(model, paths, "numba"))
-            seconds, cpu, per_image = _pipeline(job, samples, batch_size, workers)
-            best["pipeline"] = min(best["pipeline"], (seconds, cpu))
-            best["pipeline_steady"] = min(best["pipeline_steady"], (per_image * images, cpu))
-    rate = {key: images / seconds for key, (seconds, _) in best.items()}
+            for loop, backend in (("serial_numpy_resize", "numpy"), ("serial", "numba")):
+                each, seconds = _serial(model, paths, backend)
+                times[loop].append(each)
+                cpu[loop], wall[loop] = min(cpu[loop], seconds), min(wall[loop], each.sum())
+            each, seconds, total = _pipeline(job, samples, batch_size, workers)
+            times["pipeline"].append(each)
+            cpu["pipeline"], wall["pipeline"] = min(cpu["pipeline"], seconds), min(wall["pipeline"], total)
+    rate = {loop: 1 / float(np.median(np.concatenate(times[loop]))) for loop in loops}
     return {
         "images": images, "batch_size": batch_size, "workers": workers, "repeat": repeat,
         "threads": threads or default_workers(),
         "weights": str(weights), "cpu": _cpu_name(), "cpus": default_workers(),
         "load_average": [load_before, os.getloadavg()[0]],
         "images_per_s": rate,
-        "cpu_ms_per_image": {key: cpu / images * 1e3 for key, (_, cpu) in best.items()
-                             if key != "pipeline_steady"},
-        "speedup_vs_serial_numpy_resize": rate["pipeline_steady"] / rate["serial_numpy_resize"],
-        "speedup_vs_serial": rate["pipeline_steady"] / rate["serial"],
-        "projected_validation_s": VALIDATION_IMAGES / rate["pipeline_steady"],
+        "images_per_s_wall": {loop: images / wall[loop] for loop in loops},
+        "cpu_ms_per_image": {loop: cpu[loop] / images * 1e3 for loop in loops},
+        "speedup_vs_serial_numpy_resize": rate["pipeline"] / rate["serial_numpy_resize"],
+        "speedup_vs_serial": rate["pipeline"] / rate["serial"],
+        "projected_validation_s": VALIDATION_IMAGES / rate["pipeline"],
     }
 
 
@@ -152,24 +166,25 @@ def _cpu_name() -> str:
 
 def format_evaluate_bench(result: dict) -> str:
     """The benchmark as the lines `mnv2ref bench --evaluate` prints."""
-    rate, cpu = result["images_per_s"], result["cpu_ms_per_image"]
-    hours = result["projected_validation_s"] / 3600
-    return "\n".join([
+    rate, wall, cpu = result["images_per_s"], result["images_per_s_wall"], result["cpu_ms_per_image"]
+    names = {"serial_numpy_resize": "serial load_image -> preprocess(NumPy resize) -> predict",
+             "serial": "serial load_image -> preprocess -> predict",
+             "pipeline": f"pipeline, {result['workers']} decoding workers"}
+    lines = [
         f"evaluate pipeline, {result['images']} JPEGs of about 500x375, weights {result['weights']}",
-        f"{result['cpu']}, {result['cpus']} CPUs; {result['workers']} decoding workers, "
-        f"{result['threads']} Numba threads in the pipeline, batch {result['batch_size']}, "
-        f"best of {result['repeat']}; load average {result['load_average'][0]:.1f} before, "
-        f"{result['load_average'][1]:.1f} after",
+        f"{result['cpu']}, {result['cpus']} CPUs; {result['threads']} Numba threads, batch "
+        f"{result['batch_size']}, {result['repeat']} rounds; load average "
+        f"{result['load_average'][0]:.1f} before, {result['load_average'][1]:.1f} after",
         "",
-        f"serial load_image -> preprocess(NumPy resize) -> predict  {rate['serial_numpy_resize']:7.1f} img/s"
-        f"  {cpu['serial_numpy_resize']:6.1f} CPU ms/img",
-        f"serial load_image -> preprocess -> predict                {rate['serial']:7.1f} img/s"
-        f"  {cpu['serial']:6.1f} CPU ms/img",
-        f"pipeline, including pool start-up                        {rate['pipeline']:7.1f} img/s"
-        f"  {cpu['pipeline']:6.1f} CPU ms/img (all processes)",
-        f"pipeline, steady state                                   {rate['pipeline_steady']:7.1f} img/s",
+        f"{'loop':56}  img/s (median)  img/s (wall)  CPU ms/img",
+    ]
+    for loop, name in names.items():
+        lines.append(f"{name:56}  {rate[loop]:14.1f}  {wall[loop]:12.1f}  {cpu[loop]:10.1f}")
+    lines += [
         "",
-        f"speed-up: {result['speedup_vs_serial_numpy_resize']:.2f}x the serial loop with the NumPy resize, "
-        f"{result['speedup_vs_serial']:.2f}x the serial loop with today's preprocess",
-        f"projected for the 50,000 ILSVRC2012 validation images: {hours * 60:.1f} min",
-    ])
+        f"speed-up (median rates): {result['speedup_vs_serial_numpy_resize']:.2f}x the serial loop with the "
+        f"NumPy resize, {result['speedup_vs_serial']:.2f}x the serial loop with today's preprocess",
+        f"projected for the 50,000 ILSVRC2012 validation images: "
+        f"{result['projected_validation_s'] / 60:.1f} min",
+    ]
+    return "\n".join(lines)
