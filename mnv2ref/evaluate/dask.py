@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 from contextlib import contextmanager
 from typing import Iterator, List, Sequence
 
 from ..errors import InputError, MissingDependencyError
-from .pipeline import chunks, load_samples
+from .pipeline import chunks, interrupts_ignored, load_samples
 
 #: Batches per shard: large enough to amortize a task's overhead (~ms),
 #: small enough that an interrupted run loses little.
@@ -41,22 +40,6 @@ def _distributed():
 
 
 @contextmanager
-def _interrupts_ignored():
-    """SIGINT ignored while the body starts processes, which inherit that (and
-    Python keeps an inherited SIG_IGN), so that a Ctrl-C at the terminal stops
-    the client cleanly instead of killing the workers mid-task."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
 def connect(address: str):
     """A `distributed.Client` for ``local:N`` (a new LocalCluster, closed on
     exit) or a scheduler address; yields (client, threads per task)."""
@@ -65,7 +48,7 @@ def connect(address: str):
         count = address.partition(":")[2]
         if not count.isdigit() or int(count) < 1:
             raise InputError(f"--dask local:N needs a positive number of workers, got {address!r}")
-        with _interrupts_ignored():  # inherited by the worker processes: Ctrl-C is the client's
+        with interrupts_ignored():  # inherited by the worker processes: Ctrl-C is the client's
             cluster = distributed.LocalCluster(n_workers=int(count), threads_per_worker=1, processes=True,
                                                dashboard_address=None, silence_logs=logging.ERROR)
         with cluster, distributed.Client(cluster) as client:

@@ -21,6 +21,7 @@ import os
 import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -82,16 +83,17 @@ def preprocessed_batches(samples: Sequence[Sample], batch_size: int, workers: Op
             yield load_samples(part, size)
         return
     # "spawn": a fresh interpreter per worker, safe whatever threads this
-    # process already runs (Numba's, tqdm's); they need only NumPy and Pillow.
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+    # process already runs (Numba's, tqdm's); they need NumPy, Pillow and the
+    # resize kernel only.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     queued = deque()
     parts = chunks(samples, batch_size)
     try:
-        for part in parts:
-            queued.append((part, pool.submit(load_batch, [s.image for s in part], size)))
-            if len(queued) >= 2 * workers:
-                break
+        with interrupts_ignored():  # the workers start at the first submit
+            for part in parts:
+                queued.append((part, pool.submit(load_batch, [s.image for s in part], size)))
+                if len(queued) >= 2 * workers:
+                    break
         if meanwhile:
             meanwhile()
         while queued:
@@ -110,9 +112,21 @@ def _resolve(part, result):
     return [part[i] for i in read], batch, [(part[i], message) for i, message in failures]
 
 
-def _ignore_interrupts() -> None:
-    """Pool workers leave Ctrl-C to the main process, which stops them in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextmanager
+def interrupts_ignored():
+    """SIGINT ignored while the body starts processes, which inherit that (and
+    Python keeps an inherited SIG_IGN), so that a Ctrl-C at the terminal stops
+    this process cleanly and it stops the workers, instead of killing them
+    mid-task with a traceback each."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def top_k(probs: np.ndarray, k: int = TOP_K) -> Tuple[np.ndarray, np.ndarray]:
