@@ -322,24 +322,13 @@ def cmd_verify(args):
         # With --json - the JSON alone is stdout; the table goes to stderr.
         print(report.format(), file=sys.stderr if args.json == "-" else sys.stdout)
         if args.json:
-            _write_json_report(report.to_json(), args.json)
+            report.write_json(args.json)
     except BrokenPipeError:
         raise  # the reader went away: not an error (see run())
     except (Mnv2refError, OSError) as error:
         print(f"mnv2ref: error: {error}", file=sys.stderr)
         return 2
     return report.exit_code
-
-
-def _write_json_report(text: str, path: str) -> None:
-    if path == "-":
-        sys.stdout.write(text)
-        return
-    from .files import atomic_write
-
-    with atomic_write(path, suffix=".json") as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    print(f"mnv2ref: wrote {path}", file=sys.stderr)
 
 
 def positive_int(text: str) -> int:

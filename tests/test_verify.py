@@ -197,6 +197,45 @@ def test_exported_graph_passes_with_ambiguous_shapes(synthetic, bug_dir):
     assert report.passed, report.format()
 
 
+def test_graph_ending_at_logits_has_no_predictions(synthetic, bug_dir):
+    def drop_softmax(graph):
+        for node in [n for n in graph.node if n.op_type == "Softmax" or n.output[0] == "Predictions"]:
+            graph.node.remove(node)
+        graph.output.remove(next(o for o in graph.output if o.name == "Predictions"))
+        for node in graph.node:  # and no name tells what the last tensors are
+            node.output[:] = [{"Logits": "out", "global_pool": "pooled"}.get(n, n) for n in node.output]
+        for output in graph.output:
+            output.name = {"Logits": "out", "global_pool": "pooled"}.get(output.name, output.name)
+
+    report = verify(_edited(synthetic, bug_dir, "logits", drop_softmax), weights=synthetic)
+    assert report.passed, report.format()
+    theirs = {m.name: m.foreign for m in report.endpoints}
+    assert theirs["Predictions"] is None and theirs["Logits"] == "Logits/flatten"
+
+
+def test_unnamed_graph_with_an_extra_conv_aligns_by_order(synthetic, bug_dir):
+    # One conv more than ours (so no structural match) and no names: the order pass must take
+    # each chain's end (the Clip), not the conv output before it.
+    from onnx import helper, numpy_helper
+
+    def extra_conv_no_names(graph):
+        graph.initializer.append(numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "eye"))
+        for node in graph.node:
+            node.input[:] = ["input/eye" if i == "input/to_nchw" else i for i in node.input]
+        at = next(i for i, n in enumerate(graph.node) if n.output[0] == "input/to_nchw")
+        graph.node.insert(at + 1, helper.make_node("Conv", ["input/to_nchw", "eye"], ["input/eye"],
+                                                   kernel_shape=[1, 1]))
+        outputs, renamed = {o.name for o in graph.output}, {}
+        for i, node in enumerate(graph.node):
+            node.input[:] = [renamed.get(n, n) for n in node.input]
+            for j, name in enumerate(node.output):
+                if name not in outputs:
+                    renamed[name] = node.output[j] = f"t{i}_{j}"
+
+    report = verify(_edited(synthetic, bug_dir, "extra_conv", extra_conv_no_names), weights=synthetic)
+    assert report.passed and len(report.matched) == 65, report.format()
+
+
 # --- each classic bug: the right first divergence and the right hint -------------------------
 
 ONNX_EDITS = {"symmetric_padding": symmetric_padding, "symmetric_padding_everywhere": symmetric_padding_everywhere,
@@ -497,10 +536,23 @@ def test_cli_exit_codes(synthetic, synthetic_prefix, x96, ours96, bug_dir):
     assert result.returncode == 2 and "mnv2ref: error:" in result.stderr and "missing.onnx" in result.stderr
 
 
-def test_missing_runtime_names_the_extra(peers, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+def test_onnx_session_threads_and_no_spinning(peers):
+    options = load_foreign(peers / "tf2onnx_mobilenet_v2_0.35_224.onnx", threads=1).session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize("name, modules", [
+    ("tf2onnx_mobilenet_v2_0.35_224.onnx", ["onnxruntime"]),
+    ("openvino_converted_0.35_224.xml", ["openvino"]),
+    ("tflite_mobilenet_v2_0.35_224.tflite", ["ai_edge_litert", "tflite_runtime"]),
+])
+def test_missing_runtime_names_the_extra(peers, monkeypatch, name, modules):
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(MissingDependencyError, match=r'pip install "mnv2ref\[verify\]"'):
-        load_foreign(peers / "tf2onnx_mobilenet_v2_0.35_224.onnx")
+        load_foreign(peers / name)
 
 
 def test_keras_file_without_keras(peers):
@@ -520,6 +572,23 @@ def test_verify_is_callable_and_a_package(synthetic):
     assert mnv2ref.verify is package and mnv2ref.verify.load_foreign is load_foreign
     report = mnv2ref.verify(lambda x: synthetic.endpoints(x, until="layer_1"), weights=synthetic)
     assert report.passed and [m.name for m in report.matched] == ["layer_1"]
+
+
+def test_interface_argument_parsing():
+    from mnv2ref.verify.interface import parse
+
+    assert parse("converted") == INTERFACES["converted"]
+    assert parse("NCHW,RGB,[-1,1]") == {"layout": "NCHW", "color": "RGB", "scale": "[-1,1]"}
+    assert parse("NHWC,BGR,mean-std")["scale"] == "mean-std"
+    with pytest.raises(InputError, match="LAYOUT,COLOR,SCALE"):
+        parse("NCHW,RGB")
+
+
+def test_nothing_matched_is_an_error(synthetic, x96, bug_dir):
+    path = bug_dir / "unrelated.npz"
+    np.savez(path, input=x96, features=np.zeros((1, 7, 7, 5), np.float32))
+    with pytest.raises(InputError, match="none of its tensors"):
+        verify(path, weights=synthetic)
 
 
 def test_unknown_file_type(tmp_path):

@@ -4,10 +4,11 @@
     print(report.format())                          # table, hints, verdict
     report.exit_code                                # 0 within tolerance, 1 diverges
 
-The foreign model and the reference run on the same images; its input
-interface is detected (`interface.py`), its intermediate tensors are mapped
-onto our endpoints (`mapping.py`) and compared with `compare.relative_error`
-(max error relative to the endpoint's range) and the cosine similarity; the
+The foreign model and the reference (in float64) run on the same images;
+its input interface is detected (`interface.py`), its intermediate tensors
+are mapped onto our endpoints (`mapping.py`) and compared with
+`compare.relative_error` (max error relative to the endpoint's range) and
+the cosine similarity; the
 first endpoint beyond tolerance is explained, where a classic porting bug
 explains it (`hints.py`).
 """
@@ -83,6 +84,12 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
                          f"{min(e for k, e in run.tried.items() if k != describe(run.interface)):.1e})")
 
     rows, theirs = _compare(reference, foreign, run)
+    if not theirs:
+        names = list(run.outputs)
+        raise InputError(f"{foreign.source}: none of its tensors ({', '.join(names[:4])}"
+                         f"{', ...' if len(names) > 4 else ''}) has the shape of one of our endpoints for "
+                         f"input {run.x.shape} (is it a MobileNetV2 of depth multiplier "
+                         f"{reference.depth_multiplier:g}?)")
     if foreign.precision != "float32":
         run.notes.append(
             f"a {foreign.precision} model: its error grows layer by layer by design; an endpoint diverges "
@@ -100,8 +107,6 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
                              f"first endpoint is still {min(run.tried.values()):.1e} off (tried RGB and BGR, "
                              "each in [-1, 1], 0-255, [0, 1] and ImageNet mean/std); check the colour order, "
                              "the scale and the mean/std of their preprocessing")
-    if not theirs:
-        run.notes.append("none of their tensors could be matched to an endpoint")
     return VerifyReport(model=foreign.source, interface=run.interface, precision=foreign.precision,
                         endpoints=rows, first_divergence=run.first or divergent, hints=run.hints,
                         tolerance=tolerance, notes=run.notes)
@@ -122,12 +127,19 @@ class _Run:
     notes: list = field(default_factory=list)
 
 
+def _exact(reference, x: np.ndarray) -> tuple:
+    """(x, our endpoints) in float64: the network computed exactly, so what a
+    float32 model is measured against is its own rounding only."""
+    x = x.astype(np.float64)
+    return x, reference.endpoints(x)
+
+
 def _run_model(foreign, reference, x, declared) -> _Run:
     """A runnable model: detect its interface, run it on our input."""
-    ours = reference.endpoints(x)
+    x64, ours = _exact(reference, x)
     interface, tried = detect(foreign, reference, x, ours, declared)
     foreign.interface = interface
-    return _Run(interface, x, ours, foreign.run(foreign.native_input(x)), tried)
+    return _Run(interface, x64, ours, foreign.run(foreign.native_input(x)), tried)
 
 
 def _run_dump(foreign, reference, x, images, tolerance) -> _Run:
@@ -140,7 +152,7 @@ def _run_dump(foreign, reference, x, images, tolerance) -> _Run:
         raise InputError(f"{foreign.source}: its `input` {foreign.input.shape} is no image batch of "
                          f"the size of ours {x.shape}")
     theirs_input = to_network(foreign.input, **interface)
-    run = _Run(interface, theirs_input, reference.endpoints(theirs_input), dict(foreign.arrays),
+    run = _Run(interface, *_exact(reference, theirs_input), dict(foreign.arrays),
                rows=[EndpointMatch("input", "input", input_error, cosine_similarity(theirs_input, x))])
     if input_error > tolerance:
         run.first = "input"

@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 
 from ..errors import InputError
-from .interface import from_network_input, layout_of
+from ..interfaces import COLORS, LAYOUTS
+from .interface import TRIED_SCALES, expected, from_network_input, layout_of
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,11 @@ class ForeignModel:
         declared one, else the model card's for the input layout (NHWC: RGB
         [-1, 1]; NCHW: BGR 0-255, as the card's converted model)."""
         if self._interface is None:
-            from .interface import expected
-
             self._interface = expected(self.declared, self.layout or "NHWC")[0]
         return self._interface
 
     @interface.setter
     def interface(self, value: dict) -> None:
-        from ..interfaces import COLORS, LAYOUTS
-        from .interface import TRIED_SCALES
-
         for key, choices in (("layout", LAYOUTS), ("color", COLORS), ("scale", TRIED_SCALES)):
             if value.get(key) not in choices:
                 raise InputError(f"interface {key} must be one of {', '.join(choices)}, got {value.get(key)!r}")

@@ -41,10 +41,13 @@ LAYER_BUGS = {
                    "[-1, 1] ((x - 127.5) / 127.5 is missing)",
     "input_0-1": "input scale mix-up: their first conv sees [0, 1] pixels where the network expects "
                  "[-1, 1] ((x - 0.5) * 2 is missing)",
+    "input_mean-std": "input scale mix-up: their first conv sees ImageNet mean/std normalized pixels "
+                      "(PyTorch's convention) where the network expects (x - 0.5) * 2 of [0, 1] pixels",
 }
 SPREAD_BUGS = ("epsilon", "relu", "symmetric_padding")
-INPUT_BUGS = {"input_bgr": lambda x: x[..., ::-1], "input_0-255": lambda x: x * np.float32(127.5) + np.float32(127.5),
-              "input_0-1": lambda x: (x + np.float32(1)) * np.float32(0.5)}
+# What their first conv may see instead of our input: the interfaces of `interface.py`.
+INPUT_BUGS = {"input_bgr": {"color": "BGR"}, "input_0-255": {"scale": "0-255"}, "input_0-1": {"scale": "[0,1]"},
+              "input_mean-std": {"scale": "mean-std"}}
 
 
 def conv_bn(conv, x: np.ndarray, bug: Optional[str] = None) -> np.ndarray:
@@ -107,7 +110,9 @@ def recompute(model, endpoint: str, x: np.ndarray, given: dict, bug: Optional[st
     if not hasattr(operation, "spec"):
         return operation(values[0])
     if inputs == [None] and bug in INPUT_BUGS:
-        values[0] = INPUT_BUGS[bug](values[0])
+        from .interface import from_network_input
+
+        values[0] = from_network_input(values[0], **INPUT_BUGS[bug])
     return conv_bn(operation, values[0], bug)
 
 

@@ -16,7 +16,8 @@ Three passes:
    our own endpoint names beat it).
 3. Order and shape, for the endpoints still open: the first tensor of the endpoint's shape
    after the tensor of the endpoint before it, and before the one of the
-   endpoint after it.
+   endpoint after it (in a graph, the end of the chain of element-wise ops
+   it starts: the ReLU6, not the conv before it).
 
 Numbers are never consulted: a tensor that happens to match better must not
 be picked over the one that is the endpoint's output, or a wrong tensor
@@ -200,10 +201,24 @@ def align(model, ours: dict, tensors: list, shapes: dict, layout: Optional[str])
         after = [position[found[e][0]] for e in order[i + 1:] if e in found]
         low, high = (max(before) if before else -1), (min(after) if after else len(names))
         for j in range(low + 1, high):
+            if endpoint == "Predictions" and tensors[j].kind not in (None, "softmax"):
+                continue  # in a graph, only a softmax makes probabilities
             if fit(shapes[names[j]], ours[endpoint], layout):
+                j = _chain_end(tensors, shapes, j, high, ours[endpoint], layout)
                 found[endpoint] = (names[j], fit(shapes[names[j]], ours[endpoint], layout), 3)
                 break
     return {e: found[e][:2] for e in order if e in found}
+
+
+def _chain_end(tensors: list, shapes: dict, j: int, high: int, our_shape: tuple, layout) -> int:
+    """In a graph, the last of the same-shaped element-wise ops (bias,
+    BatchNorm, activation) that follow tensor j: the op output an endpoint
+    is, rather than the conv output before its ReLU6."""
+    if tensors[j].kind is None:
+        return j
+    while j + 1 < high and tensors[j + 1].kind == "other" and fit(shapes[tensors[j + 1].name], our_shape, layout):
+        j += 1
+    return j
 
 
 def _structure(model, ours: dict, tensors: list, shapes: dict, layout) -> dict:
@@ -248,12 +263,13 @@ def _structure(model, ours: dict, tensors: list, shapes: dict, layout) -> dict:
             found[add_endpoint] = chain_end  # no residual add: their block ends at the projection
     last_layer = f"layer_{len(model.specs)}"
     if last_layer in found:
-        after = [t.name for t in tensors[[t.name for t in tensors].index(found[last_layer]) + 1:]]
-        pool = next((n for n in after if fit(shapes[n], ours["global_pool"], layout)), None)
+        after = tensors[[t.name for t in tensors].index(found[last_layer]) + 1:]
+        pool = next((t.name for t in after if fit(shapes[t.name], ours["global_pool"], layout)), None)
         if pool:
             found["global_pool"] = pool
-        if "Predictions" in ours:
-            probs = [n for n in after if fit(shapes[n], ours["Predictions"], layout)]
-            if probs:
-                found["Predictions"] = probs[-1]
+        # Only a softmax is Predictions: a graph that ends at its logits has none.
+        probs = next((t.name for t in after if t.kind == "softmax" and "Predictions" in ours
+                      and fit(shapes[t.name], ours["Predictions"], layout)), None)
+        if probs:
+            found["Predictions"] = probs
     return found

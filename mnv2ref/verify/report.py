@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -101,6 +102,17 @@ class VerifyReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
+    def write_json(self, path) -> None:
+        """Write `to_json()` to `path` (atomically), or to stdout for "-"."""
+        if str(path) == "-":
+            sys.stdout.write(self.to_json())
+            return
+        from ..files import atomic_write
+
+        with atomic_write(path, suffix=".json") as tmp:
+            tmp.write_text(self.to_json(), encoding="utf-8")
+        print(f"mnv2ref: wrote {path}", file=sys.stderr)
+
     def format(self) -> str:
         """A table (endpoint, their tensor, error, cosine), the notes and
         hints, and a last line with the verdict."""
@@ -112,13 +124,25 @@ class VerifyReport:
                    if self.precision in COSINE_FLOORS else ")"),
                 "",
                 f"{'endpoint':<{width}}  {'max rel err':>11}  {'cosine':>10}  their tensor"]
+        unmatched = []  # a run of endpoints without a tensor is one line
+
+        def flush():
+            if len(unmatched) == 1:
+                rows.append(f"{unmatched[0]:<{width}}  {'-':>11}  {'-':>10}  (no matching tensor)")
+            elif unmatched:
+                rows.append(f"{'...':<{width}}  {'-':>11}  {'-':>10}  (no matching tensor for the "
+                            f"{len(unmatched)} endpoints {unmatched[0]} ... {unmatched[-1]})")
+            unmatched.clear()
+
         for m in self.endpoints:
             if m.foreign is None:
-                rows.append(f"{m.name:<{width}}  {'-':>11}  {'-':>10}  (no matching tensor)")
+                unmatched.append(m.name)
                 continue
+            flush()
             flag = "  <-- first divergence" if m.name == self.first_divergence else (
                 "  !" if beyond(m, self.tolerance, self.precision) else "")
             rows.append(f"{m.name:<{width}}  {m.max_rel_err:>11.2e}  {m.cosine:>10.7f}  {m.foreign}{flag}")
+        flush()
         rows.append("")
         rows += [f"note: {n}" for n in self.notes]
         rows += [f"hint: {h}" for h in self.hints]

@@ -54,13 +54,14 @@ class TfliteModel(ForeignModel):
         self.batch = int(self._input["shape"][0])
         self.output_name = _short(outputs[0]["name"])
         details = {t["index"]: t for t in self.interpreter.get_tensor_details()}
-        ops = self.interpreter._get_ops_details()  # the only way to the op graph; a stable private API
+        ops = _ops(self.interpreter, details, self._input["index"])
         produced = {int(i) for op in ops for i in op["outputs"]}
         computed = produced | {self._input["index"]}
         self._tensors, self.tensors, seen = [], [], set()
         for op in ops:
             n_computed = sum(int(i) in computed for i in op["inputs"])
-            kind = ("conv" if op["op_name"] in CONV_OPS else "softmax" if op["op_name"] == "SOFTMAX" else
+            kind = (None if op["op_name"] is None else "conv" if op["op_name"] in CONV_OPS else
+                    "softmax" if op["op_name"] == "SOFTMAX" else
                     "add" if op["op_name"] == "ADD" and n_computed == 2 else "other")
             for index in map(int, op["outputs"]):
                 name = _short(details[index]["name"])
@@ -74,9 +75,23 @@ class TfliteModel(ForeignModel):
                           else "float16" if np.dtype(np.float16) in dtypes else "float32")
 
     def _run(self, native_x):
+        scale, zero = self._input["quantization"]
+        if scale and np.dtype(self._input["dtype"]).kind in "iu":  # a quantized input: x / scale + zero point
+            info = np.iinfo(self._input["dtype"])
+            native_x = np.clip(np.round(native_x / scale + zero), info.min, info.max)
         self.interpreter.set_tensor(self._input["index"], native_x.astype(self._input["dtype"]))
         self.interpreter.invoke()
         return {name: _dequantize(self.interpreter.get_tensor(d["index"]), d) for name, d in self._tensors}
+
+
+def _ops(interpreter, details: dict, input_index: int) -> list:
+    """The ops in execution order, {"op_name", "inputs", "outputs"}. The op
+    graph is only available through `_get_ops_details` (private, but stable
+    for years); without it every tensor counts, in index order, op unknown."""
+    if hasattr(interpreter, "_get_ops_details"):
+        return interpreter._get_ops_details()
+    return [{"op_name": None, "inputs": [], "outputs": [index]} for index in sorted(details)
+            if index != input_index and details[index]["name"]]
 
 
 def _short(name: str) -> str:
