@@ -84,8 +84,8 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
 
     Returns the summary (`results.summarize`) over every image of the
     dataset, plus ``images_per_s`` of this run. Ctrl-C or SIGTERM stop after
-    the last complete batch written, raising KeyboardInterrupt; a rerun with
-    `resume` continues."""
+    the last complete batch written, raising `Interrupted` (a
+    KeyboardInterrupt saying how far it got); a rerun with `resume` continues."""
     from ..resources import find_weights
     from tqdm import tqdm
 
