@@ -136,12 +136,13 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
     return summary
 
 
-class _CallableModule(types.ModuleType):
-    """Makes `mnv2ref.evaluate(...)` the same call as `mnv2ref.evaluate.evaluate(...)`,
-    whether or not this package has been imported before."""
+class _CallablePackage(types.ModuleType):
+    """`mnv2ref.evaluate` is this package and, called, the `evaluate` function:
+    `mnv2ref.evaluate(dataset)` and `mnv2ref.evaluate.load_dataset(dataset)` both
+    work (as for `mnv2ref.verify`)."""
 
     def __call__(self, *args, **kwargs):
         return evaluate(*args, **kwargs)
 
 
-sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__class__ = _CallablePackage
