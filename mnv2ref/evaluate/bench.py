@@ -46,7 +46,11 @@ def make_jpegs(folder, count: int, sizes: Sequence = IMAGENET_LIKE_SIZES, qualit
     from ..resources import shared_dir
 
     rng = np.random.default_rng(seed)
-    photos = [Image.open(shared_dir() / "images" / f"{n}.png").convert("RGB") for n in ("chelsea", "coffee")]
+    sources = [shared_dir() / "images" / f"{name}.png" for name in ("chelsea", "coffee")]
+    if not all(p.is_file() for p in sources):
+        raise InputError(f"the benchmark's JPEGs are made from {sources[0].parent}/chelsea.png and "
+                         "coffee.png, which are missing: set MNV2REF_SHARED to the shared fixtures")
+    photos = [Image.open(p).convert("RGB") for p in sources]
     qualities = [quality] if np.isscalar(quality) else list(quality)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
