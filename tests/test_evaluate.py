@@ -276,7 +276,7 @@ def test_stopped_runs_resume_with_every_image_once(labelled, weights, tmp_path):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(image)
     out = tmp_path / "results.jsonl"
-    common = [many, "-w", weights, "-o", out, "--batch-size", 2, "--workers", 0, "-q"]
+    common = [many, "-w", weights, "-o", out, "--batch-size", 1, "--workers", 0, "-q"]
     _stop_after(_cli(*common), out, 2, signal.SIGINT)
     first = out.read_text().splitlines()
     assert 2 <= len(first) < 96 and all(json.loads(line)["top5"] for line in first)
