@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..interfaces import COLORS, LAYOUTS
-from .interface import TRIED_SCALES, expected, from_network_input, layout_of
+from .interface import TRIED_SCALES, detect, expected, from_network_input, layout_of
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,6 @@ class ForeignModel:
         """Find the interface by running the candidates on `x` (our input,
         default the bundled photo) against `reference` (a MobileNetV2,
         default the weights `resources.find_weights` finds)."""
-        from .interface import detect
-
         found, _ = detect(self, reference, x)
         self._interface = found
         return found
