@@ -11,8 +11,8 @@ Three ways of getting the top-5 of the same JPEGs, timed in this process:
 
 The JPEGs are made from the shared photos at ImageNet-like sizes (about
 500 x 375, quality 90). The rounds alternate the three loops, and the rates
-are medians of per-image (per-batch) times, because the machine may be
-shared; the pipeline's is its steady state, once its queue has filled,
+are medians of per-image (per-batch) times in the best round, because the
+machine may be shared; the pipeline's is its steady state, once its queue has filled,
 which is what 50,000 images see, and the projection uses it.
 """
 
@@ -114,10 +114,11 @@ def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
     """Time the three loops (module docstring) on `images` JPEGs, `repeat`
     rounds; returns a dict of images/s and CPU ms per image for each loop,
     the speed-ups, the load average around the run and the projected time
-    for 50,000 images. The rates are 1 / the median time per image over all
-    rounds (per image for the serial loops, per batch once the pipeline has
-    filled), robust to the bursts of other jobs on a shared machine; ``wall``
-    gives images over the whole run's time instead, pool start-up included."""
+    for 50,000 images. A rate is 1 / the median time per image (per image for
+    the serial loops, per batch once the pipeline has filled) of the best
+    round, robust to the bursts of other jobs on a shared machine; ``wall``
+    gives images over the best round's whole time instead, pool start-up
+    included."""
     workers = default_workers() if workers is None else workers
     if images < batch_size * (2 * workers + 3):
         raise InputError(f"bench --evaluate needs at least {batch_size * (2 * workers + 3)} images "
@@ -141,7 +142,7 @@ def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
             each, seconds, total = _pipeline(job, samples, batch_size, workers)
             times["pipeline"].append(each)
             cpu["pipeline"], wall["pipeline"] = min(cpu["pipeline"], seconds), min(wall["pipeline"], total)
-    rate = {loop: 1 / float(np.median(np.concatenate(times[loop]))) for loop in loops}
+    rate = {loop: 1 / min(float(np.median(each)) for each in times[loop]) for loop in loops}
     return {
         "images": images, "batch_size": batch_size, "workers": workers, "repeat": repeat,
         "threads": threads or default_workers(),
