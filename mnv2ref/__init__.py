@@ -25,14 +25,15 @@ _PUBLIC = {
     "cost": "accounting",
     "trace": "trace",
     "verify": "verify",
+    "evaluate": "evaluate",
 }
 
 
 def __getattr__(name):
     if name in _PUBLIC:
         module = import_module(f".{_PUBLIC[name]}", __name__)
-        # `verify` is a package that is also callable (see mnv2ref/verify/__init__.py).
-        return module if name == "verify" else getattr(module, name)
+        # `verify` and `evaluate` are packages that are also callable (see their __init__.py).
+        return module if name in ("verify", "evaluate") else getattr(module, name)
     raise AttributeError(f"module 'mnv2ref' has no attribute {name!r}")
 
 

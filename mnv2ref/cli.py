@@ -204,6 +204,10 @@ def cmd_classify(args):
 def cmd_embed(args):
     from .files import atomic_write, check_not_overwriting
 
+    if args.shard_size:
+        return _embed_shards(args)
+    if args.workers is not None or args.dask:
+        raise InputError("embed: --workers and --dask work with --shard-size (a folder of shards)")
     to_stdout = args.output == "-"
     paths, skipped, names, features = _expand_images(args.images), [], [], []
     if not to_stdout:
@@ -228,6 +232,38 @@ def cmd_embed(args):
     print(f"mnv2ref: wrote {where}, shape {features.shape}: row i is line i "
           f"{'above' if not to_stdout else 'of this listing'}", file=sys.stderr)
     return _report_skipped(skipped, len(paths))
+
+
+def cmd_evaluate(args):
+    from .evaluate import Interrupted, evaluate, format_summary, write_summary
+
+    try:
+        summary = evaluate(args.dataset, weights=args.weights, raw=args.raw, model=args.model,
+                           labels=args.labels, limit=args.limit, batch_size=args.batch_size,
+                           workers=args.workers, output=args.output, resume=args.resume,
+                           dask=args.dask, size=args.size, backend=args.backend, threads=args.threads,
+                           progress=not args.quiet)
+    except Interrupted as stop:
+        print(f"mnv2ref: {stop}", file=sys.stderr)
+        return 130
+    if args.json:
+        write_summary(summary, args.json)
+    to_stdout = "-" not in (args.output, args.json)
+    print(format_summary(summary), file=sys.stdout if to_stdout else sys.stderr)
+
+
+def _embed_shards(args):
+    from .evaluate.shards import embed_shards
+    from .resources import weights_or_download
+
+    index = embed_shards(_expand_images(args.images), args.output, weights_or_download(args.weights),
+                         use_ema=not args.raw, shard_size=args.shard_size, batch_size=args.batch_size,
+                         workers=args.workers, dask=args.dask, size=args.size, backend=args.backend)
+    print(Path(args.output) / "index.json")
+    skipped = sum(len(shard["skipped"]) for shard in index["shards"])
+    print(f"mnv2ref: {index['images'] - skipped} embeddings in {len(index['shards'])} shards "
+          f"in {args.output}", file=sys.stderr)
+    return _report_skipped([None] * skipped, index["images"])
 
 
 def cmd_fetch(args):
@@ -320,6 +356,8 @@ def cmd_plot_activations(args):
 def cmd_bench(args):
     from .bench import format_bench, format_layers, run_bench, run_layers, write_json
 
+    if args.evaluate:
+        return _bench_evaluate(args)
     model = _load_model(args)
     peers = False if args.no_peers else (args.peers or True)
     if args.layers:
@@ -338,12 +376,27 @@ def cmd_bench(args):
         print(f"mnv2ref: wrote {printable(args.json)}", file=sys.stderr)
 
 
+def _bench_evaluate(args):
+    from .evaluate.bench import default_weights, format_evaluate_bench, run_evaluate_bench
+    from .resources import find_weights
+
+    weights = find_weights(args.weights) if args.weights else default_weights()
+    threads = args.threads[0] if args.threads else None
+    result = run_evaluate_bench(weights, images=args.images, workers=args.workers, repeat=args.repeat,
+                                threads=threads)
+    print(format_evaluate_bench(result))
+    if args.json:
+        from .evaluate import write_summary
+
+        write_summary(result, args.json)
+
+
 def cmd_export_onnx(args):
     from .files import check_not_overwriting
     from .onnx_export import export_onnx
-    from .resources import find_weights
+    from .resources import weights_or_download
 
-    check_not_overwriting(args.out, [find_weights(args.weights)])
+    check_not_overwriting(args.out, [weights_or_download(args.weights)])
     model = _load_model(args)
     print(printable(export_onnx(model, args.out, opset=args.opset, resolution=args.size,
                                 endpoints=args.endpoints)))
@@ -477,6 +530,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", required=True,
                    help="output .npy, shape (images, 1280); - for standard output")
+    p.add_argument("--shard-size", type=positive_int, metavar="N", help="for large sets: -o is a folder "
+                   "of shards of N images plus index.json, resumable (see mnv2ref.evaluate.shards)")
+    p.add_argument("--workers", type=int, metavar="K", help="with --shard-size: decoding processes")
+    p.add_argument("--dask", metavar="ADDRESS", help="with --shard-size: run on Dask, local:N or tcp://HOST:PORT")
+
+    p = with_weights(command("evaluate", cmd_evaluate, "top-1 / top-5 accuracy on a labelled image set "
+                             "(ImageNet validation), streamed and resumable"))
+    p.add_argument("dataset", help="a folder of ILSVRC2012_val_*.JPEG, a folder of WordNet-id folders, "
+                   "or a path<TAB>label list file")
+    p.add_argument("--labels", help="ground truth for ILSVRC2012_val_* files, one WordNet id per line "
+                   "(default: the bundled imagenet_2012_validation_synset_labels.txt)")
+    p.add_argument("--model", metavar="FOREIGN", help="evaluate this ONNX / OpenVINO / TF Lite model "
+                   "instead, and compare it with the reference image by image")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="the first N images only")
+    p.add_argument("--workers", type=int, metavar="K", help="decoding processes (default: one per CPU; "
+                   "0: decode in the main process)")
+    p.add_argument("-o", "--output", metavar="RESULTS.jsonl", help="per-image results, one JSON object "
+                   "a line, flushed per batch (- for stdout)")
+    p.add_argument("--resume", action="store_true", help="keep the images already in --output, "
+                   "evaluate the rest")
+    p.add_argument("--json", metavar="SUMMARY", help="write the summary as JSON (- for stdout)")
+    p.add_argument("--dask", metavar="ADDRESS", help="run on Dask: local:N (a local cluster of N "
+                   "processes) or tcp://HOST:PORT (an existing scheduler)")
+    p.add_argument("--threads", type=positive_int, metavar="T", help="Numba threads for the model "
+                   "(default: all CPUs)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     p = command("fetch", cmd_fetch, "download a published checkpoint and convert it into weights/")
     p.add_argument("--depth-multiplier", "-d", type=depth_multiplier, default=1.0)
@@ -537,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip timing the Numba start-up with a cold and a warm cache")
     p.add_argument("--json", metavar="FILE", help="also write the whole result as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--evaluate", action="store_true", help="instead: the `evaluate` pipeline against a "
+                   "serial load_image -> preprocess -> predict loop (uses --repeat, --json)")
+    p.add_argument("--images", type=positive_int, default=128, help="with --evaluate: JPEGs per round")
+    p.add_argument("--workers", type=int, metavar="K", help="with --evaluate: decoding processes "
+                   "(default: one per CPU)")
 
     p = command("export-onnx", cmd_export_onnx, "write the network as a standard ONNX graph")
     p.add_argument("out", help="output .onnx file")

@@ -358,7 +358,7 @@ def central_crop(image: np.ndarray, fraction: float = DEFAULT_CENTRAL_FRACTION) 
     return image[..., top:top + crop_h, left:left + crop_w, :]
 
 
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_bilinear(image: np.ndarray, height: int, width: int, backend: str = "numba") -> np.ndarray:
     """Resize like TF1's ``tf.image.resize_bilinear`` (legacy, no half-pixel centres).
 
     This is ``align_corners=False, half_pixel_centers=False`` -- the kernel
@@ -372,6 +372,10 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
       image: ``(H, W, C)`` or ``(N, H, W, C)`` real-valued array.  It is cast
         to float32 first, like TensorFlow's kernel does.
       height, width: output size, positive integers.
+      backend: ``"numpy"`` is the readable reference (``_resize_numpy``);
+        ``"numba"`` (default) runs the same float32 operations, in the same
+        order and without fused multiply-adds, as one compiled loop, about
+        ten times faster.  The two give the same bits.
 
     Returns:
       float32 ``(height, width, C)`` or ``(N, height, width, C)``.
@@ -385,15 +389,29 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
         raise InputError(f"resize_bilinear expects real numbers, got dtype {image.dtype}")
     if image.shape[-3] == 0 or image.shape[-2] == 0:
         raise InputError(f"resize_bilinear cannot resize an empty image of shape {image.shape}")
+    if backend not in ("numba", "numpy"):
+        raise InputError(f"resize_bilinear backend must be numba or numpy, got {backend!r}")
     out_h, out_w = _parse_size((height, width), "resize_bilinear size")
     pixels = image.astype(np.float32, copy=False)
     in_h, in_w = pixels.shape[-3], pixels.shape[-2]
     if (out_h, out_w) == (in_h, in_w):
         # TensorFlow short-cuts a same-size "resize" to a plain cast.
         return pixels.copy()
+    rows = _legacy_interpolation(in_h, out_h)
+    columns = _legacy_interpolation(in_w, out_w)
+    if backend == "numpy":
+        return _resize_numpy(pixels, rows, columns)
+    batch = pixels if pixels.ndim == 4 else pixels[None]
+    out = np.empty((batch.shape[0], out_h, out_w, batch.shape[3]), np.float32)
+    _resize_kernel()(batch, *rows, *columns, out)
+    return out if pixels.ndim == 4 else out[0]
 
-    y_lower, y_upper, y_lerp = _legacy_interpolation(in_h, out_h)
-    x_lower, x_upper, x_lerp = _legacy_interpolation(in_w, out_w)
+
+def _resize_numpy(pixels: np.ndarray, rows: tuple, columns: tuple) -> np.ndarray:
+    """The legacy bilinear resize in NumPy: float32 ``(..., H, W, C)`` ->
+    ``(..., out_h, out_w, C)``, from ``(lower, upper, lerp)`` of each axis."""
+    y_lower, y_upper, y_lerp = rows
+    x_lower, x_upper, x_lerp = columns
 
     # Gather the four neighbours of every output pixel: rows first, then
     # columns.  Shapes: (..., out_h, in_w, C) -> (..., out_h, out_w, C).
@@ -410,6 +428,40 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     top = top_left + (top_right - top_left) * x_lerp
     bottom = bottom_left + (bottom_right - bottom_left) * x_lerp
     return top + (bottom - top) * y_lerp
+
+
+_RESIZE_KERNEL = []
+
+
+def _resize_kernel():
+    """The compiled loop of ``resize_bilinear(backend="numba")``, built on first use
+    so that importing this module does not import Numba.
+
+    ``kernel(pixels, y_lower, y_upper, y_lerp, x_lower, x_upper, x_lerp, out)``
+    with ``pixels`` float32 ``(N, H, W, C)`` (any strides) and ``out`` float32
+    ``(N, out_h, out_w, C)``.  No ``fastmath``: LLVM may then neither fuse a
+    multiply and an add nor reorder them, so every value rounds exactly as in
+    ``_resize_numpy`` (and in TensorFlow's ``compute_lerp``).
+    """
+    if not _RESIZE_KERNEL:
+        from numba import njit
+
+        @njit(cache=True, nogil=True)
+        def legacy_bilinear(pixels, y_lower, y_upper, y_lerp, x_lower, x_upper, x_lerp, out):
+            for n in range(out.shape[0]):
+                for i in range(out.shape[1]):
+                    top_row, bottom_row, dy = y_lower[i], y_upper[i], y_lerp[i]
+                    for j in range(out.shape[2]):
+                        left, right, dx = x_lower[j], x_upper[j], x_lerp[j]
+                        for c in range(out.shape[3]):
+                            top_left = pixels[n, top_row, left, c]
+                            bottom_left = pixels[n, bottom_row, left, c]
+                            top = top_left + (pixels[n, top_row, right, c] - top_left) * dx
+                            bottom = bottom_left + (pixels[n, bottom_row, right, c] - bottom_left) * dx
+                            out[n, i, j, c] = top + (bottom - top) * dy
+
+        _RESIZE_KERNEL.append(legacy_bilinear)
+    return _RESIZE_KERNEL[0]
 
 
 def _legacy_interpolation(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -441,7 +493,8 @@ def _legacy_interpolation(in_size: int, out_size: int) -> Tuple[np.ndarray, np.n
 
 
 def preprocess(rgb: np.ndarray, size: Size = DEFAULT_SIZE,
-               central_fraction: Union[float, None] = DEFAULT_CENTRAL_FRACTION) -> np.ndarray:
+               central_fraction: Union[float, None] = DEFAULT_CENTRAL_FRACTION,
+               backend: str = "numba") -> np.ndarray:
     """TF-slim ``preprocess_for_eval``: RGB image -> network input in [-1, 1].
 
     Steps, in TensorFlow's order (``inception_preprocessing.py``)::
@@ -462,6 +515,8 @@ def preprocess(rgb: np.ndarray, size: Size = DEFAULT_SIZE,
         published model.  Other sizes (e.g. 192, 160, (225, 193)) work.
       central_fraction: fraction of each side kept by the central crop, in
         (0, 1]; ``None`` skips the crop (TF-slim skips it for any false value).
+      backend: the resize's implementation, ``"numba"`` (fast) or
+        ``"numpy"`` (the readable reference); both give the same bits.
 
     Returns:
       float32 array ``(height, width, 3)``.  Add the batch axis yourself
@@ -481,7 +536,7 @@ def preprocess(rgb: np.ndarray, size: Size = DEFAULT_SIZE,
         x = image.astype(np.float32)
     if central_fraction is not None:
         x = central_crop(x, central_fraction)
-    x = resize_bilinear(x[None], out_h, out_w)[0]
+    x = resize_bilinear(x[None], out_h, out_w, backend=backend)[0]
     # Two float32 operations, as tf.subtract then tf.multiply; the result is
     # identical to (x - 127.5) / 127.5 on the 0..255 scale only up to rounding.
     x = (x - np.float32(0.5)) * np.float32(2.0)

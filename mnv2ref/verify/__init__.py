@@ -48,7 +48,7 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
         activation dump .npz/.h5 with an `input` array) or a callable
         f(x) -> {name: array} taking our input (N, H, W, 3) RGB [-1, 1];
     images: image paths (default the bundled photo); weights: as
-        `resources.find_weights` (or a `MobileNetV2`); use_ema: the
+        `resources.weights_or_download` (or a `MobileNetV2`); use_ema: the
         checkpoint's moving averages (TF-slim evaluation) or its raw values;
     tolerance: max error relative to each endpoint's range (default by the
         model's precision: 5e-5 for float32); threads: the foreign runtime's;
@@ -58,14 +58,14 @@ def verify(model, images=None, weights=None, tolerance: Optional[float] = None,
     Raises an Mnv2refError when the model cannot be run."""
     from ..errors import InputError
     from ..model import MobileNetV2
-    from ..resources import find_weights
+    from ..resources import weights_or_download
     from .runtimes.activations import DumpModel
 
     if tolerance is not None and not float(tolerance) > 0:
         raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
     foreign = model if isinstance(model, ForeignModel) else load_foreign(model, threads=threads)
     reference = weights if isinstance(weights, MobileNetV2) else MobileNetV2.load(
-        find_weights(weights), use_ema=use_ema)
+        weights_or_download(weights), use_ema=use_ema)
     tolerance = TOLERANCES.get(foreign.precision, TOLERANCES["float32"]) if tolerance is None else float(tolerance)
     images = [images] if isinstance(images, (str, os.PathLike)) else images
     x = reference_input(images, spatial_size(foreign.input_shape))
