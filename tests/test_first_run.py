@@ -14,11 +14,14 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import local_http_server
 
 import mnv2ref
@@ -328,3 +331,36 @@ def test_sigterm_during_fetch_leaves_nothing_behind(server, tmp_path):
     assert proc.returncode == 143
     assert err.strip().splitlines() == ["mnv2ref: terminated"]
     assert list(out.iterdir()) == []
+
+
+def _tiny_archive() -> bytes:
+    """A small archive in the published layout, for header fuzzing."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        _add_bytes(archive, f"./{NAME}.ckpt.index", b"index bytes")
+        _add_bytes(archive, f"./{NAME}.ckpt.data-00000-of-00001", b"data bytes")
+    return buffer.getvalue()
+
+
+TINY_TAR = _tiny_archive()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 1023), st.integers(0, 255)), min_size=1, max_size=12))
+def test_fuzzed_archive_headers_are_refused_cleanly(edits, tmp_path):
+    """Bytes of the two members' 512-byte headers changed at random (names,
+    sizes, types, checksums): unpacking either succeeds inside the folder or is
+    a FetchError; never another exception, never a file outside the folder."""
+    data = bytearray(TINY_TAR)
+    for offset, value in edits:
+        data[(offset // 512) * 1024 + offset % 512 if offset >= 512 else offset] = value
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    archive = work / "fuzz.tgz"
+    archive.write_bytes(gzip.compress(bytes(data)))
+    target = work / "out"
+    try:
+        fetch_module.unpack_checkpoint(archive, NAME, target, "fuzz.tgz")
+    except FetchError:
+        pass
+    outside = {p for p in work.rglob("*")} - {archive, target} - set(target.rglob("*"))
+    assert not outside
