@@ -110,7 +110,20 @@ expanded rows, the depthwise output row) start on 64 bytes too
 (`_zeros_aligned`; Numba aligns to 32): each layer's kernel call timed
 hot, best of 20, same machine, 1 thread, two alternating runs: the sum
 9.37 -> 8.68 and 8.84 -> 7.97 ms; layer_3 (112x112, K = 16 expansion)
-1.18 -> 0.92 ms, the 14x14 expansions 0.15 -> 0.13.
+1.18 -> 0.92 ms, the 14x14 expansions 0.15 -> 0.13. Whole network, 2
+threads, same machine (median ms per image; other agents' load made
+separate-process runs vary by +-20%, so the packs' alignment was A/B'd in
+one process, alternating, against packs and buffers placed 16 bytes off):
+batch 1 8.04 -> 7.54 and 6.07 -> 5.83, batch 8 6.17 -> 5.81; the row
+buffers, processes alternating, 6 rounds: batch 1 6.27 -> 6.29 (best
+5.13 -> 4.96), batch 8 6.29 -> 5.89 (best 4.74 -> 4.37).
+Tried and not kept (same machine): the layers' output tensors on 64 bytes
+too, for inputs the replay does not cover (batch 8: 9.1 -> 10.7 ms best
+of 8, 1 thread; likely 4K aliasing between input and output, both then
+at the same page offset); half-vector epilogue steps for a last panel of
+8 or more columns (the 24-wide projections, the logits): no difference
+measured; the 14x14 1x1 convs split over output-channel panels instead of
+pixels on 2 threads: no faster.
 """
 
 from __future__ import annotations
