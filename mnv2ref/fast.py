@@ -306,7 +306,7 @@ def _share_memory(steps: list, out: np.ndarray, fixed: set) -> tuple:
         free = (b for b in buffers if b[1] < first[key] and b[0].nbytes >= owners[key].nbytes)
         buffer = next(free, None)
         if buffer is None:
-            buffer = [np.empty(owners[key].nbytes, np.uint8), -1]
+            buffer = [K.empty_aligned(owners[key].nbytes, np.uint8), -1]
             buffers.append(buffer)
         buffer[1] = last[key]
         home[key] = buffer[0]

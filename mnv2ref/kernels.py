@@ -97,6 +97,33 @@ kept busy was 1.4x its 1-thread latency that day. Here the fast path uses
 fewer threads while other processes keep CPUs busy
 (`contention.threads_free`): 2 threads with a busy core then cost what 1
 does (35 ms against 35 ms that day; before: 73 ms against 28).
+
+Alignment (from XNNPACK, whose packed weights and arena start on
+XNN_ALLOCATION_ALIGNMENT = 64 bytes): NumPy starts its arrays on 16 bytes,
+so most 16-float weight rows of the packs straddled two cache lines and the
+tile's vector loads were split. The packs and the replay's shared buffers
+now start on 64 bytes (`empty_aligned`). Measured on the 2-core AMD EPYC
+(Zen 4), 1 thread, one GEMM A/B in one process: K = 32 -> 192 channels
+50 -> 52-57 GFLOP/s, 160 -> 960 (7x7) 70 -> 78, 320 -> 1280 76-78 -> 80.
+The row buffers the block and depthwise tasks allocate (the ring of
+expanded rows, the depthwise output row) start on 64 bytes too
+(`_zeros_aligned`; Numba aligns to 32): each layer's kernel call timed
+hot, best of 20, same machine, 1 thread, two alternating runs: the sum
+9.37 -> 8.68 and 8.84 -> 7.97 ms; layer_3 (112x112, K = 16 expansion)
+1.18 -> 0.92 ms, the 14x14 expansions 0.15 -> 0.13. Whole network, 2
+threads, same machine (median ms per image; other agents' load made
+separate-process runs vary by +-20%, so the packs' alignment was A/B'd in
+one process, alternating, against packs and buffers placed 16 bytes off):
+batch 1 8.04 -> 7.54 and 6.07 -> 5.83, batch 8 6.17 -> 5.81; the row
+buffers, processes alternating, 6 rounds: batch 1 6.27 -> 6.29 (best
+5.13 -> 4.96), batch 8 6.29 -> 5.89 (best 4.74 -> 4.37).
+Tried and not kept (same machine): the layers' output tensors on 64 bytes
+too, for inputs the replay does not cover (batch 8: 9.1 -> 10.7 ms best
+of 8, 1 thread; likely 4K aliasing between input and output, both then
+at the same page offset); half-vector epilogue steps for a last panel of
+8 or more columns (the 24-wide projections, the logits): no difference
+measured; the 14x14 1x1 convs split over output-channel panels instead of
+pixels on 2 threads: no faster.
 """
 
 from __future__ import annotations
@@ -138,6 +165,7 @@ MR = 4        # pixels per GEMM register tile
 NR = 16       # width of a packed weight panel (output channels)
 NR2 = 2 * NR  # output channels per GEMM register tile with WIDE: two panels
 DW_CB = 16 if WIDE else 8  # channels per depthwise register block
+ALIGN = 64  # bytes: a cache line, and one 512-bit vector (see empty_aligned)
 _U3, _U6, _U9, _UCB = np.uintp(3), np.uintp(6), np.uintp(9), np.uintp(DW_CB)  # unsigned loop bounds, see _dw_row
 FASTMATH = {"contract"}  # fused multiply-add only: see the module docstring
 
@@ -537,6 +565,20 @@ def _dw_row(r0, r1, r2, col0, stride, wd, bd, out, relu6):
             out[ox, c] = v
 
 
+@njit(cache=True, inline="always")
+def _zeros_aligned(shape, like):
+    """np.zeros(shape, like.dtype) starting on an ALIGN-byte boundary (Numba
+    aligns its arrays to 32 bytes): the row buffers the GEMM tile stores to
+    and the depthwise row loads from, 16 floats per vector, then use whole
+    cache lines. Inlined by Numba, so no compilation of its own."""
+    count = 1
+    for size in shape:
+        count *= size
+    flat = np.zeros(count + ALIGN // like.itemsize, like.dtype)
+    start = (ALIGN - flat.ctypes.data % ALIGN) % ALIGN // like.itemsize
+    return flat[start:start + count].reshape(shape)
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _copy_rows(src, src_row, dst, dst_row, rows):
     """dst[dst_row : dst_row + rows] = src[src_row : src_row + rows] for two
@@ -569,8 +611,8 @@ def _depthwise_task(task, x, wd, bd, stride, relu6, out, chunks):
     band = task % per_image
     oy0 = band * ho // per_image
     oy1 = (band + 1) * ho // per_image
-    ring = np.zeros((3, w + 2, c_all), x.dtype)
-    zrow = np.zeros((w + 2, c_all), x.dtype)
+    ring = _zeros_aligned((3, w + 2, c_all), x)
+    zrow = _zeros_aligned((w + 2, c_all), x)
     held = np.full(3, -1, np.int64)  # input row held by each ring slot
     for oy in range(oy0, oy1):
         for i in range(3):
@@ -624,9 +666,9 @@ def _inverted_residual_task(task, x, we, be, has_expand, wd, bd, wp, bp, stride,
     # written by exactly one band.
     own0 = oy0 * stride
     own1 = h if oy1 == ho else oy1 * stride
-    ring = np.zeros((3, w + 2, c_exp), x.dtype)
-    zrow = np.zeros((w + 2, c_exp), x.dtype)
-    dw = np.empty((wo, c_exp), x.dtype)
+    ring = _zeros_aligned((3, w + 2, c_exp), x)
+    zrow = _zeros_aligned((w + 2, c_exp), x)
+    dw = _zeros_aligned((wo, c_exp), x)
     held = np.full(3, -1, np.int64)
     for oy in range(oy0, oy1):
         for i in range(3):
@@ -845,6 +887,25 @@ class Packed:
         return self.w.dtype
 
 
+def empty_aligned(shape, dtype) -> np.ndarray:
+    """np.empty(shape, dtype) starting on an ALIGN-byte boundary (NumPy's own
+    arrays start on 16): then every 16-float weight row the GEMM tile loads
+    as one vector lies in one cache line instead of straddling two. The
+    array is a view of a uint8 buffer a little larger."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buffer = np.empty(nbytes + ALIGN, np.uint8)
+    start = -buffer.ctypes.data % ALIGN
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` on an ALIGN-byte boundary (`empty_aligned`)."""
+    out = empty_aligned(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def pack_gemm(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> Packed:
     """Pack (k, k, Cin, Cout) or (Cin, Cout) weights and a (Cout,) bias into
     NR-wide panels: w[nb, kk, j] = W[kk, nb*NR + j] with kk over (i, j, c)."""
@@ -854,10 +915,10 @@ def pack_gemm(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> Packed
     panels = -(-cout // NR)
     padded = np.zeros((flat.shape[0], panels * NR), dtype)
     padded[:, :cout] = flat
-    w = np.ascontiguousarray(padded.reshape(flat.shape[0], panels, NR).transpose(1, 0, 2))
+    w = _aligned_copy(padded.reshape(flat.shape[0], panels, NR).transpose(1, 0, 2))
     b = np.zeros(panels * NR, dtype)
     b[:cout] = np.asarray(bias, dtype)
-    return Packed("gemm", w, b, cout, ksize)
+    return Packed("gemm", w, _aligned_copy(b), cout, ksize)
 
 
 def pack_depthwise(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> Packed:
@@ -865,8 +926,8 @@ def pack_depthwise(weights: np.ndarray, bias: np.ndarray, dtype=np.float32) -> P
     k, _, c, _ = weights.shape
     if k != 3:
         raise ValueError(f"depthwise kernels are 3x3, got {k}x{k}")
-    w = np.ascontiguousarray(np.asarray(weights, dtype).reshape(k * k, c))
-    return Packed("depthwise", w, np.ascontiguousarray(np.asarray(bias, dtype)), c, k)
+    w = _aligned_copy(np.asarray(weights, dtype).reshape(k * k, c))
+    return Packed("depthwise", w, _aligned_copy(np.asarray(bias, dtype)), c, k)
 
 
 _recorder = threading.local()
