@@ -20,7 +20,16 @@ NOTICE = "mnv2ref: compiling the Numba kernels once (about"
 @pytest.fixture
 def fresh_load_check(monkeypatch):
     """Forget the last look at the load, so the next call looks again."""
-    monkeypatch.setattr(contention, "_load_check", [-1.0, 0])
+    monkeypatch.setattr(contention, "_load_check", [-1.0, 0, 0])
+
+
+def _looks(requested: int, times: int) -> list:
+    """threads_free after each of `times` fresh looks at the load."""
+    answers = []
+    for _ in range(times):
+        contention._load_check[0] = -1.0  # the last look is old: look again
+        answers.append(contention.threads_free(requested))
+    return answers
 
 
 @pytest.mark.parametrize("busy,cpus,requested,expected", [
@@ -28,7 +37,16 @@ def fresh_load_check(monkeypatch):
 def test_threads_free_leaves_the_busy_cpus(monkeypatch, fresh_load_check, busy, cpus, requested, expected):
     monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: busy)
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
-    assert contention.threads_free(requested) == expected
+    assert _looks(requested, contention.BUSY_LOOKS)[-1] == expected
+
+
+def test_a_passing_blip_of_load_keeps_the_threads(monkeypatch, fresh_load_check):
+    """Load seen by fewer looks in a row than BUSY_LOOKS is ignored; a look
+    without load resets the count."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    loads = iter([1, 1, 0, 1, 1, 1])
+    monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: next(loads))
+    assert _looks(2, 6) == [2, 2, 2, 2, 2, 1]
 
 
 def test_a_busy_process_is_seen():
@@ -50,8 +68,8 @@ def test_busy_machine_uses_fewer_threads_same_results(synthetic, monkeypatch, fr
     idle = fast.run(x)
     seen = []
     monkeypatch.setattr(contention, "busy_cpus_elsewhere", lambda: 1)
-    monkeypatch.setattr(contention, "_load_check", [-1.0, 0])  # look again now
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    _looks(2, contention.BUSY_LOOKS)  # the load has been seen long enough
     monkeypatch.setattr(K, "_threads", lambda: seen.append(F.get_num_threads()) or seen[-1])
     busy = fast.run(x)
     assert seen and set(seen) == {1}
