@@ -32,6 +32,7 @@ never competes with Numba's. `kernels.py` also caps GNU OpenMP's spin-wait
 from __future__ import annotations
 
 import contextlib
+import time
 import threading
 from typing import Callable, Optional
 
@@ -183,8 +184,29 @@ class FastMobileNetV2:
                 return x
         raise AssertionError(until)
 
+    def layer_seconds(self, x: np.ndarray) -> dict:
+        """{layer: seconds} of one whole forward pass on x, each layer timed
+        as `run` runs it (through the replay, for inputs it replays), so the
+        times add up to the pass: the profile of `mnv2ref.trace`."""
+        x = check_input(x)
+        until = self.layer_names[-1]
+        with _threads(self.num_threads, self.adaptive_threads):
+            pack = self._pack(x.dtype)
+            x = _kernel_input(x)
+            if x.shape[0] * x.shape[1] * x.shape[2] <= _REPLAY_MAX_PIXELS:
+                return self._replay_for(x, until, pack).timed(x)
+            seconds = {}
+            for index, name in enumerate(self.layer_names):
+                start = time.perf_counter()
+                x = self._layer(index, x, pack, None)
+                seconds[name] = time.perf_counter() - start
+            return seconds
+
     def _replay(self, x, until, pack):
         """run(x, until) through the `_Replay` of x's shape (recorded now if new)."""
+        return self._replay_for(x, until, pack)(x)
+
+    def _replay_for(self, x, until, pack) -> "_Replay":
         replays = self._replays.__dict__
         key = (x.shape, x.dtype, until, numba.get_num_threads())
         replay = replays.get(key)
@@ -192,7 +214,7 @@ class FastMobileNetV2:
             if len(replays) >= 4:  # each holds a forward pass's worth of buffers
                 replays.clear()
             replay = replays[key] = _Replay(self, x, until, pack)
-        return replay(x)
+        return replay
 
     def _layer(self, index: int, x: np.ndarray, pack: _Pack, record) -> np.ndarray:
         if index < len(self.specs):
@@ -260,8 +282,13 @@ class _Replay:
 
     def __init__(self, fast, x, until, pack):
         self.softmax = until == "Predictions"
+        last, out, self.bounds = ("Logits" if self.softmax else until), x, []
         with K.recording() as steps:
-            out = fast._layers(x, "Logits" if self.softmax else until, pack, None)
+            for index, name in enumerate(fast.layer_names):
+                out = fast._layer(index, out, pack, None)
+                self.bounds.append((name, len(steps)))  # the layer's steps end here
+                if name == last:
+                    break
         fixed = {id(_owner(a)) for packed in pack.arrays() for a in packed}
         fixed |= {id(_owner(x))} | {id(a) for pair in K._unused(x.dtype) for a in pair}
         steps, self.out = _share_memory(steps, out, fixed)
@@ -269,11 +296,28 @@ class _Replay:
                       for kernel, args in steps]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        for kernel, args, input_at in self.steps:
+        self._run(x, self.steps)
+        return L.softmax(self.out) if self.softmax else self.out.copy()
+
+    def timed(self, x: np.ndarray) -> dict:
+        """Replay on x, timing each layer's kernel calls: {layer: seconds}."""
+        seconds, begin = {}, 0
+        for name, end in self.bounds:
+            start = time.perf_counter()
+            self._run(x, self.steps[begin:end])
+            seconds[name], begin = time.perf_counter() - start, end
+        if self.softmax:
+            start = time.perf_counter()
+            L.softmax(self.out)
+            seconds["Predictions"] = time.perf_counter() - start
+        return seconds
+
+    @staticmethod
+    def _run(x: np.ndarray, steps: list) -> None:
+        for kernel, args, input_at in steps:
             if input_at:
                 args = tuple(x if j in input_at else arg for j, arg in enumerate(args))
             kernel(*args)
-        return L.softmax(self.out) if self.softmax else self.out.copy()
 
 
 def _owner(a: np.ndarray) -> np.ndarray:

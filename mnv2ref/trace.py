@@ -15,7 +15,11 @@ Two passes, because statistics and timing want different runs:
   intermediate tensor (the fused blocks of the fast path too);
 * timing: the layers as the production path runs them (for numba the fused
   blocks of `fast.run`, nothing written out), each on its real input, the
-  previous layer's output. After `warmup` untimed passes (the first one loads
+  previous layer's output; for numba inside one real pass
+  (`FastMobileNetV2.layer_seconds`: each layer's kernel calls timed as the
+  replay of `run` makes them, so no per-layer Python work is counted that
+  `run` does not do — calling the layers one by one added ~1 ms an image
+  at 2 threads, and put the sum 26-45 % over the whole pass). After `warmup` untimed passes (the first one loads
   or compiles the kernels), `repeat` timed passes alternate a whole
   forward pass (`model.predict` / `model.embed`, i.e. `fast.run` for numba)
   with a pass of the layers one at a time, so that drift on a busy machine
@@ -134,12 +138,17 @@ def time_layers(model, x: np.ndarray, backend: str, repeat: int, warmup: int) ->
     whole = model.predict if model.num_classes else model.embed
 
     def stepwise(times=None):
-        h = x
-        for name, step in steps:
-            start = time.perf_counter()
-            h = step(h)
-            if times is not None:
-                times[name].append((time.perf_counter() - start) * 1e3)
+        if backend == "numba":  # each layer's kernels timed inside the production pass
+            seconds = model.fast.layer_seconds(x)
+        else:
+            seconds, h = {}, x
+            for name, step in steps:
+                start = time.perf_counter()
+                h = step(h)
+                seconds[name] = time.perf_counter() - start
+        if times is not None:
+            for name, value in seconds.items():
+                times[name].append(value * 1e3)
 
     for _ in range(warmup):
         whole(x, backend=backend)

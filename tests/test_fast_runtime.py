@@ -152,3 +152,17 @@ def test_packed_weights_start_on_a_cache_line():
         np.testing.assert_array_equal(packed.w[0, :, :min(cout, K.NR)], weights[:, :K.NR])
     depthwise = K.pack_depthwise(rng.standard_normal((3, 3, 24, 1)), rng.standard_normal(24))
     assert depthwise.w.ctypes.data % K.ALIGN == 0
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+def test_layer_seconds_time_every_layer_of_one_pass(synthetic, monkeypatch, replayed):
+    """The profile `trace` uses: every layer, once, as `run` runs it (through
+    the replay for small inputs, layer by layer beyond its size)."""
+    if not replayed:
+        monkeypatch.setattr(F, "_REPLAY_MAX_PIXELS", 0)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 48, 48, 3)).astype(np.float32)
+    fast = F.FastMobileNetV2(synthetic)
+    seconds = fast.layer_seconds(x)
+    assert list(seconds) == synthetic.layer_names
+    assert all(value > 0 for value in seconds.values())
+    assert bool(fast._replays.__dict__) == replayed
