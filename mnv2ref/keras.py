@@ -34,9 +34,9 @@ import numpy as np
 
 from .architecture import LOGITS_SCOPE, SCOPE, ConvSpec, layer_specs
 from .errors import InputError, Mnv2refError, WeightsError
-from .files import check_not_overwriting, check_regular_file
+from .files import check_not_overwriting
 from .weights import (check_self_contained, check_variables, infer_config, refuse_links_out, sha256_of,
-                      write_h5)
+                      weights_file, write_h5)
 
 KERAS_CLASSES = "imagenet-1000 (Keras: class k is TF-slim class k+1; background dropped)"
 CLASSES = {1001: "imagenet-1001 (TF-slim: class 0 is background)", 1000: KERAS_CLASSES,
@@ -143,10 +143,7 @@ def read_keras_h5(path) -> tuple:
     WeightsError naming the Keras layer and dataset."""
     import h5py
 
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such weights file")
-    check_regular_file(path, "weights file")
+    path = weights_file(path)
     try:
         with h5py.File(path, "r") as f:
             refuse_links_out(f, path)

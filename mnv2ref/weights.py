@@ -259,16 +259,23 @@ def convert(prefix, out_h5, use_ema: bool = True, metadata: Mapping = None) -> P
     })
 
 
+def weights_file(path) -> Path:
+    """`path` as a Path, refused unless it is an existing regular file
+    (never a FIFO or device, which would block or never end)."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{printable(path)}: no such weights file")
+    check_regular_file(path, "weights file")
+    return path
+
+
 def read_h5(path) -> tuple:
     """Read an HDF5 weights file written by `convert`: ({name: array}, attributes).
 
     Only the datasets of the MobileNetV2 the file's shapes describe are read
     (so memory stays bounded whatever the file holds); a missing or wrongly
     shaped tensor is named in the WeightsError."""
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{printable(path)}: no such weights file")
-    check_regular_file(path, "weights file")
+    path = weights_file(path)
     try:
         intact = has_intact_digest(path)
     except OSError as error:  # permission denied, an I/O error
