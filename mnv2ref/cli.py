@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="a folder of ILSVRC2012_val_*.JPEG, a folder of WordNet-id folders, "
                    "or a path<TAB>label list file")
     p.add_argument("--labels", help="ground truth for ILSVRC2012_val_* files, one WordNet id per line "
-                   "(default: the bundled imagenet_2012_validation_synset_labels.txt)")
+                   "(default: the copy among the shared fixtures, ../shared/mnv2)")
     p.add_argument("--model", metavar="FOREIGN", help="evaluate this ONNX / OpenVINO / TF Lite model "
                    "instead, and compare it with the reference image by image")
     p.add_argument("--limit", type=positive_int, metavar="N", help="the first N images only")

@@ -199,14 +199,25 @@ def test_dataset_errors_name_the_place(tmp_path, labelled):
         load_dataset(tmp_path / "empty")
 
 
-def test_bundled_validation_labels_are_tf_slims():
-    from mnv2ref.evaluate.datasets import VALIDATION_LABELS, read_validation_labels
+def test_default_validation_labels_are_tf_slims(shared_dir):
+    from mnv2ref.evaluate.datasets import default_validation_labels, read_validation_labels
 
     import hashlib
-    digest = hashlib.sha256(VALIDATION_LABELS.read_bytes()).hexdigest()
+    assert default_validation_labels() == shared_dir / "imagenet_2012_validation_synset_labels.txt"
+    digest = hashlib.sha256(default_validation_labels().read_bytes()).hexdigest()
     assert digest == "313fc3f23c864dde9183c9a368809065765dd1b657a6904fded44e3e46d34604"
     labels = read_validation_labels()
     assert len(labels) == 50_000 and np.bincount(labels, minlength=1001)[1:].tolist() == [50] * 1000
+
+
+def test_without_fixtures_the_labels_must_be_given(tmp_path, monkeypatch):
+    from mnv2ref.evaluate.datasets import load_dataset
+
+    monkeypatch.setenv("MNV2REF_SHARED", str(tmp_path / "nowhere"))
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
+    with pytest.raises(InputError, match="give --labels imagenet_2012_validation_synset_labels.txt"):
+        load_dataset(tmp_path / "val")
 
 
 def test_wilson_interval():

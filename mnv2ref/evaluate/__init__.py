@@ -70,7 +70,7 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
     Args:
       dataset: a folder of ILSVRC2012_val_*.JPEG, of WordNet-id folders, or a
         ``path<TAB>label`` list file (`datasets.load_dataset`); `labels`
-        replaces the bundled validation labels; `limit` keeps the first N.
+        names the validation labels (default: the shared fixtures' copy); `limit` keeps the first N.
       weights, raw: the reference weights as elsewhere (`resources.weights_or_download`: found, or
         downloaded once).
       model: a foreign ONNX / OpenVINO / TF Lite file to evaluate through

@@ -4,8 +4,8 @@ Three forms of DATASET are understood (`load_dataset`):
 
 * a folder of ``ILSVRC2012_val_NNNNNNNN.JPEG`` files, the ImageNet validation
   set as distributed: image NNNNNNNN has the WordNet id on line NNNNNNNN of
-  TF-slim's ``imagenet_2012_validation_synset_labels.txt`` (bundled, so real
-  ImageNet users need nothing else; ``labels=`` names another such file);
+  TF-slim's ``imagenet_2012_validation_synset_labels.txt`` (``labels=``;
+  by default the copy among the shared fixtures, `default_validation_labels`);
 * a folder of WordNet-id sub-folders, ``val/n01440764/*.JPEG`` (torchvision's
   ``ImageFolder`` layout);
 * a list file, one ``path<TAB>label`` per line, the label a WordNet id or a
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import InputError
-from ..resources import DATA_DIR
+from ..resources import DATA_DIR, shared_dir
 
-VALIDATION_LABELS = DATA_DIR / "imagenet_2012_validation_synset_labels.txt"
+VALIDATION_LABELS_NAME = "imagenet_2012_validation_synset_labels.txt"
 ILSVRC_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
 WORDNET_ID = re.compile(r"^n\d{8}$")
 NUM_CLASSES = 1001
@@ -68,9 +68,21 @@ def parse_label(text: str, where: str) -> int:
                      f"0..{NUM_CLASSES - 1}, got {text!r}")
 
 
-def read_validation_labels(path=VALIDATION_LABELS) -> List[int]:
-    """TF-slim's ground-truth file (line i = label of image i) -> class indices."""
-    path = Path(path)
+def default_validation_labels() -> Path:
+    """TF-slim's validation labels among the shared fixtures (`resources.shared_dir`);
+    InputError saying how to give them when they are not there."""
+    path = shared_dir() / VALIDATION_LABELS_NAME
+    if not path.is_file():
+        raise InputError(f"no labels for the ILSVRC2012_val_* images: give --labels "
+                         f"{VALIDATION_LABELS_NAME} (TF-slim's ground truth, one WordNet id a line; "
+                         f"looked for it at {path})")
+    return path
+
+
+def read_validation_labels(path=None) -> List[int]:
+    """TF-slim's ground-truth file (line i = label of image i) -> class indices
+    (default: `default_validation_labels()`)."""
+    path = Path(path) if path is not None else default_validation_labels()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -81,7 +93,7 @@ def read_validation_labels(path=VALIDATION_LABELS) -> List[int]:
 def load_dataset(dataset, labels=None, limit: Optional[int] = None) -> List[Sample]:
     """The samples of DATASET (a folder or a list file, see the module docstring),
     in a fixed order (by file number, WordNet id then name, or list order),
-    at most `limit` of them, with absolute paths. `labels` replaces the bundled validation labels
+    at most `limit` of them, with absolute paths. `labels` names the validation labels
     for an ``ILSVRC2012_val_*`` folder."""
     path = Path(dataset)
     if path.is_file():
@@ -106,8 +118,8 @@ def _from_folder(folder: Path, labels) -> List[Sample]:
     entries = sorted(folder.iterdir())
     numbered = [(int(m.group(1)), p) for p in entries if p.is_file() and (m := ILSVRC_NAME.match(p.name))]
     if numbered:
-        truth = read_validation_labels(labels if labels is not None else VALIDATION_LABELS)
-        source = labels or "the bundled ILSVRC2012 validation labels"
+        truth = read_validation_labels(labels)
+        source = labels or "the ILSVRC2012 validation labels"
         samples = []
         for number, image in sorted(numbered):
             if not 1 <= number <= len(truth):
