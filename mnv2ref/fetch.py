@@ -260,13 +260,22 @@ def check_archive(path: Path, name: str, digest: str, url: str) -> None:
 # ---------------------------------------------------------------------------
 
 def _open_archive(path: Path, url: str) -> tuple:
-    """Open a gzip-compressed tar archive and read its member list, refusing
-    it as soon as a header declares more than a checkpoint archive can hold
-    (before that member's data is decompressed to skip over it)."""
+    """Open a gzip-compressed tar archive and read its member list (`_members`)."""
     try:
         archive = tarfile.open(path, "r:gz")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
         raise FetchError(f"{printable(url)} is not a gzip-compressed tar archive: {printable(error)}") from None
+    try:
+        return archive, _members(archive, url)
+    except BaseException:
+        archive.close()
+        raise
+
+
+def _members(archive: tarfile.TarFile, url: str) -> list:
+    """The archive's members, refused as soon as a header declares more than a
+    checkpoint archive can hold (before that member's data is decompressed to
+    skip over it)."""
     members, declared = [], 0
     try:
         for member in archive:
@@ -282,12 +291,8 @@ def _open_archive(path: Path, url: str) -> tuple:
                 raise FetchError(f"{printable(url)}: refusing the archive: its members declare more than "
                                  f"{MAX_UNPACKED_BYTES:,} bytes or number more than {MAX_MEMBERS}")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        archive.close()
         raise FetchError(f"{printable(url)}: the archive is corrupt or truncated: {printable(error)}") from None
-    except FetchError:
-        archive.close()
-        raise
-    return archive, members
+    return members
 
 
 def _unsafe_reason(member: tarfile.TarInfo, target: Path) -> str | None:

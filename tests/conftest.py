@@ -65,16 +65,26 @@ def golden(shared_dir):
     return lambda name: load_golden(shared_dir / "golden" / f"{name}.npz")
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, without logging each request on stderr."""
+
+    def log_message(self, *args):
+        pass
+
+
 @contextlib.contextmanager
-def local_http_server(root: Path, handler):
-    """Serve `root` with `handler` (a SimpleHTTPRequestHandler subclass) on
-    127.0.0.1 from a thread; yields the base URL. Nothing leaves this machine."""
+def local_http_server(tmp_path: Path, handler=QuietHandler):
+    """Serve a new folder `tmp_path/served` with `handler` (a QuietHandler
+    subclass) on 127.0.0.1 from a thread; yields (folder, base URL).
+    Nothing leaves this machine."""
+    root = tmp_path / "served"
+    root.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()

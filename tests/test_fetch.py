@@ -3,7 +3,6 @@ HTTP server on 127.0.0.1 that serves archives built from the synthetic
 0.35/224 checkpoint in the shared fixtures (the network is never used)."""
 
 import hashlib
-import http.server
 import io
 import os
 import socket
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import local_http_server
+from conftest import QuietHandler, local_http_server
 
 from mnv2ref import fetch as fetch_module
 from mnv2ref.errors import FetchError
@@ -77,7 +76,7 @@ def good_archive(synthetic_prefix, tmp_path_factory) -> bytes:
     return make_archive(path, synthetic_prefix).read_bytes()
 
 
-class Handler(http.server.SimpleHTTPRequestHandler):
+class Handler(QuietHandler):
     """Serves the directory; `/truncated/X` announces X's full length but sends
     half of it, `/slow/X` never answers within the client's timeout."""
 
@@ -98,17 +97,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             return
         super().do_GET()
 
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server(tmp_path):
     """(served directory, base URL) of a threaded HTTP server on 127.0.0.1."""
-    root = tmp_path / "served"
-    root.mkdir()
-    with local_http_server(root, Handler) as base:
-        yield root, base
+    with local_http_server(tmp_path, Handler) as served:
+        yield served
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ A local HTTP server on 127.0.0.1 serves an archive in the published layout
 
 import gzip
 import hashlib
-import http.server
 import io
 import os
 import subprocess
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import local_http_server
+from conftest import QuietHandler, local_http_server
 
 import mnv2ref
 from mnv2ref import fetch as fetch_module
@@ -57,7 +56,7 @@ def published_archive(shared_dir, tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
-class Handler(http.server.SimpleHTTPRequestHandler):
+class Handler(QuietHandler):
     """Serves a folder and counts requests; `/drip/X` sends a byte every 50 ms,
     `/endless/X` streams zeros without end, `/huge/X` announces 1 TB."""
 
@@ -88,17 +87,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             return
         super().do_GET()
 
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server(tmp_path):
     """(served directory, base URL, requests seen) of a local HTTP server."""
-    root = tmp_path / "served"
-    root.mkdir()
     Handler.requests = []
-    with local_http_server(root, Handler) as base:
+    with local_http_server(tmp_path, Handler) as (root, base):
         yield root, base, Handler.requests
 
 
