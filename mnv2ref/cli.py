@@ -11,9 +11,7 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, Mnv2refError, WeightsError
+from .signals import Terminated, sigterm_raises
 from .text import printable
 
 
@@ -653,16 +652,6 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"mnv2ref: warning: {printable(message)}\n"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so
-    that every `finally` (atomic_write's temp-file removal) runs on the way out."""
-
-
-def _terminate(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise Terminated()
-
-
 def _check_environment() -> None:
     """Refuse a NUMBA_NUM_THREADS that would make importing Numba fail (0) or be
     silently ignored (a non-integer)."""
@@ -676,11 +665,10 @@ def main(argv=None) -> int:
     usage error, 130 on Ctrl-C, 143 on SIGTERM (temporary files removed)."""
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        _check_environment()
-        return args.func(args) or 0
+        with sigterm_raises():
+            _check_environment()
+            return args.func(args) or 0
     except BrokenPipeError:
         raise  # not an error: the reader went away; see run()
     except (Mnv2refError, OSError) as error:
@@ -696,10 +684,6 @@ def main(argv=None) -> int:
             raise
         print(f"mnv2ref: internal error: {type(error).__name__}: {printable(error)} "
               "(set MNV2REF_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
-    finally:
-        # After a SIGTERM the handler is SIG_IGN and stays so: the process is on its way out.
-        if in_main_thread and signal.getsignal(signal.SIGTERM) is _terminate:
-            signal.signal(signal.SIGTERM, previous)
     return 1
 
 

@@ -8,7 +8,6 @@ the many activations that are exactly 0 after a ReLU6.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -25,9 +24,11 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
 
 
 def load_golden(path) -> dict:
-    """A golden .npz as {endpoint name: array} (`input` is the network input)."""
-    with np.load(Path(path)) as data:
-        return dict(data)
+    """A golden file (TensorFlow's .npz, or one of `mnv2ref golden`) as
+    {endpoint name: array} (`input` is the network input)."""
+    from .golden import read_golden
+
+    return read_golden(path)[0]
 
 
 def compare_endpoints(endpoints: dict, golden: dict) -> dict:

@@ -48,7 +48,6 @@ import http.client
 import os
 import re
 import shutil
-import stat
 import sys
 import tarfile
 import tempfile
@@ -60,7 +59,7 @@ import zlib
 from pathlib import Path
 
 from .architecture import PUBLISHED_DEPTH_MULTIPLIERS, PUBLISHED_RESOLUTIONS
-from .errors import FetchError, Mnv2refError
+from .errors import FetchError, FileError, Mnv2refError
 from .text import printable
 
 MODEL_ZOO_URL = "https://storage.googleapis.com/mobilenet_v2/checkpoints/{name}.tgz"
@@ -163,13 +162,12 @@ def _progress_bar(total, label: str, progress: bool):
 def _check_file_url(url: str) -> None:
     """A file:// URL must name a regular file: opening a FIFO blocks forever
     and a device such as /dev/zero never ends."""
-    path = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+    from .files import check_regular_file
+
     try:
-        mode = os.stat(path).st_mode
-    except OSError as error:
-        raise FetchError(f"cannot download {printable(url)}: {error.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise FetchError(f"cannot download {printable(url)}: {printable(path)} is not a regular file")
+        check_regular_file(urllib.request.url2pathname(urllib.parse.urlparse(url).path), "download")
+    except FileError as error:
+        raise FetchError(f"cannot download {printable(url)}: {error}") from None
 
 
 def download(url: str, destination: Path, progress: bool = True, max_bytes: int = MAX_DOWNLOAD_BYTES) -> str:

@@ -21,7 +21,7 @@ from . import layers as L
 from .architecture import ConvSpec, LayerSpec, layer_specs, logits_spec, variable_shapes
 from .errors import InputError, WeightsError
 from .interfaces import check_input, to_network_input
-from .weights import check_variables, read_h5, select_variables, shape_problems
+from .weights import check_variables, read_h5, select_variables
 
 Capture = Optional[Callable[[str, np.ndarray], None]]
 BACKENDS = ("numpy", "numba")
@@ -244,10 +244,7 @@ class MobileNetV2:
         return cls.from_checkpoint(path, use_ema)
 
     def _build_layers(self) -> list:
-        v = self.variables
-        problems = shape_problems(v, variable_shapes(self.depth_multiplier, self.num_classes))
-        if problems:
-            raise WeightsError(f"{self.source}: {problems[0]}")
+        v = self.variables  # every shape was checked by check_variables (infer_config)
 
         def conv_bn(spec: ConvSpec) -> ConvBN:
             return ConvBN(spec, v[spec.weights_name], *(v[spec.batch_norm_name(leaf)] for leaf in

@@ -101,13 +101,16 @@ def teaching_data(verbose: bool = True) -> TeachingData:
     else:
         try:
             path = find_weights()
+        except WeightsError:  # none anywhere; a file that is there but broken is an error, not random weights
+            path = None
+        if path is None:
+            model = MobileNetV2.random(seed=RANDOM_SEED)
+            data = TeachingData(model, model.source, real_backbone=False, real_classifier=False)
+        else:
             model = _named(MobileNetV2.load(path), f"your weights: {path.parent.name}/{path.name}")
             # The fixtures were excluded above, so a classifier here is the published (or the user's own) one.
             data = TeachingData(model, model.source, real_backbone=True,
                                 real_classifier=bool(model.num_classes))
-        except WeightsError:
-            model = MobileNetV2.random(seed=RANDOM_SEED)
-            data = TeachingData(model, model.source, real_backbone=False, real_classifier=False)
     for name in ("chelsea", "coffee"):
         path = data.fixture(f"images/{name}.png")
         if path is not None:

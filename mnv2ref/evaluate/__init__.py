@@ -15,14 +15,13 @@ for decoding on this machine) or `dask` (shards on a Dask cluster).
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 import types
-from contextlib import contextmanager
 from typing import Optional
 
 from ..errors import InputError
+from ..signals import sigterm_raises
 from .datasets import Sample, load_dataset
 from .pipeline import Job, _classifiers, load_foreign, run_local
 from .results import ResultsLog, card_comparison, format_summary, summarize, write_summary
@@ -41,23 +40,6 @@ class Interrupted(KeyboardInterrupt):
         where = (f"; {done} of {total} images are in {output}, rerun with --resume to continue"
                  if output is not None else f" after {done} of {total} images")
         super().__init__(f"interrupted{where}")
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM like Ctrl-C while evaluating, so both stop cleanly."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = None, labels=None,
@@ -104,7 +86,7 @@ def evaluate(dataset, weights=None, raw: bool = False, model: Optional[str] = No
     fresh, batches = [], None
     start = time.perf_counter()
     try:
-        with _sigterm_as_interrupt(), tqdm(total=len(samples), initial=len(samples) - len(pending),
+        with sigterm_raises(), tqdm(total=len(samples), initial=len(samples) - len(pending),
                                            unit="img", file=sys.stderr, dynamic_ncols=True,
                                            disable=None if progress else True) as bar:
             if dask:

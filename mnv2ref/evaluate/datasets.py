@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import InputError
+from ..files import check_regular_file
+from ..text import printable
 from ..resources import DATA_DIR, shared_dir
 
 VALIDATION_LABELS_NAME = "imagenet_2012_validation_synset_labels.txt"
@@ -83,10 +85,7 @@ def read_validation_labels(path=None) -> List[int]:
     """TF-slim's ground-truth file (line i = label of image i) -> class indices
     (default: `default_validation_labels()`)."""
     path = Path(path) if path is not None else default_validation_labels()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read labels file {path}: {error}") from None
+    lines = _lines(path, "labels file")
     return [parse_label(line, f"{path}:{number}") for number, line in enumerate(lines, 1)]
 
 
@@ -139,11 +138,18 @@ def _from_folder(folder: Path, labels) -> List[Sample]:
             for image in sorted(wnid.iterdir()) if image.is_file() and not image.name.startswith(".")]
 
 
-def _from_list_file(path: Path) -> List[Sample]:
+def _lines(path: Path, what: str) -> List[str]:
+    """The lines of a text file, refused first if it is not a regular file
+    (a FIFO would block the read forever)."""
+    check_regular_file(path, what)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read list file {path}: {error}") from None
+        raise InputError(f"cannot read {what} {printable(path)}: {error}") from None
+
+
+def _from_list_file(path: Path) -> List[Sample]:
+    lines = _lines(path, "list file")
     samples = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import atomic_write
+from ..text import printable
 from .datasets import Sample
 from .pipeline import Job, _reference, chunks, load_samples, preprocessed_batches
 
@@ -78,7 +79,7 @@ def embed_shards(paths: Sequence, folder, weights: str, use_ema: bool = True, sh
         for k, images, embeddings, skipped in done:
             _write_shard(shard_file(folder, k), images, embeddings, skipped)
             for image in skipped:
-                tqdm.write(f"mnv2ref: warning: skipping unreadable image {image}", file=sys.stderr)
+                tqdm.write(f"mnv2ref: warning: skipping unreadable image {printable(image)}", file=sys.stderr)
             bar.update(len(shards[k]))
     for k, images in enumerate(shards):
         with np.load(shard_file(folder, k)) as shard:

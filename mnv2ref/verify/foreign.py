@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..interfaces import COLORS, LAYOUTS
+from ..layers import softmax
 from .interface import TRIED_SCALES, detect, expected, from_network_input, layout_of
 
 
@@ -105,8 +106,7 @@ class ForeignModel:
         name = self.output_name if self.output_name in outputs else list(outputs)[-1]
         out = np.asarray(outputs[name], np.float64).reshape(len(x), -1)
         if out.min() < 0 or not np.allclose(out.sum(axis=1), 1, atol=1e-3):
-            out = np.exp(out - out.max(axis=1, keepdims=True))
-            out /= out.sum(axis=1, keepdims=True)
+            out = softmax(out)
         return out.astype(np.float32)
 
     def __repr__(self):

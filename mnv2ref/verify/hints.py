@@ -96,15 +96,27 @@ def producers(model) -> dict:
 
 
 def recompute(model, endpoint: str, x: np.ndarray, given: dict, bug: Optional[str] = None,
-              _producers: Optional[dict] = None) -> np.ndarray:
+              _producers: Optional[dict] = None, _memo: Optional[dict] = None) -> np.ndarray:
     """Our `endpoint` with `bug` applied, computed from the nearest inputs in
     `given` ({endpoint: array}, e.g. their tensors), or further back from
     the network input x where they are missing. With `given` empty the bug
-    is in every layer."""
+    is in every layer. Each endpoint is computed once per call (`_memo`):
+    a residual add reads its block's input twice, which unmemoised made the
+    early layers run up to 2**10 times."""
     table = _producers or producers(model)
+    memo = {} if _memo is None else _memo
     operation, inputs = table[endpoint]
-    values = [x if name is None else given[name] if name in given else
-              recompute(model, name, x, given, bug, table) for name in inputs]
+
+    def value(name):
+        if name is None:
+            return x
+        if name in given:
+            return given[name]
+        if name not in memo:
+            memo[name] = recompute(model, name, x, given, bug, table, memo)
+        return memo[name]
+
+    values = [value(name) for name in inputs]
     if operation == "add":
         return values[0] if bug == "no_residual" else values[0] + values[1]
     if not hasattr(operation, "spec"):

@@ -17,11 +17,13 @@ from typing import Optional
 
 import numpy as np
 
+from ..golden import TOLERANCES as GOLDEN_TOLERANCES
+
 # Default tolerances, relative to each endpoint's range. float32 conversions
 # agree to float32 rounding (the goldens: at most 1.1e-5 on the real weights);
 # a float16 or int8 model is not expected to, and is judged by what its
 # precision can give.
-TOLERANCES = {"float32": 5e-5, "float16": 0.1, "int8": 0.25}
+TOLERANCES = {"float32": GOLDEN_TOLERANCES["float32"], "float16": 0.1, "int8": 0.25}
 # A low-precision model's largest error sits on a few outliers (values near a
 # quantization bound); a wrong computation also turns the tensor's direction.
 # So there an endpoint diverges only when its cosine similarity drops too.

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ...errors import FileError, InputError, MissingDependencyError
+from ...errors import InputError, MissingDependencyError
+from ...files import check_regular_file
 
 INSTALL_HINT = 'pip install "mnv2ref[verify]"'
 SUFFIXES = {".onnx": "onnx", ".xml": "openvino", ".tflite": "tflite", ".keras": "keras",
@@ -44,8 +45,7 @@ def _load(model, threads):
     if kind is None:
         raise InputError(f"cannot verify {path}: expected an .onnx, OpenVINO .xml, .tflite, Keras "
                          f".h5/.keras file, or an .npz/.h5 activation dump")
-    if not path.is_file():
-        raise FileError(2, f"cannot read {path}: no such file", str(path))
+    check_regular_file(path, "model")
     if kind == "h5":
         from .activations import is_dump
 

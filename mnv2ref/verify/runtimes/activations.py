@@ -58,12 +58,16 @@ def _read_h5(path) -> dict:
 
     import h5py
 
+    from ...weights import _decode_attribute, check_self_contained, refuse_links_out
+
     arrays = {}
     with h5py.File(path, "r") as f:
+        refuse_links_out(f, path)  # a dump, like a weights or golden file, reads no other file
+
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
-                endpoint = obj.attrs.get("endpoint", name)
-                arrays[endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)] = obj[()]
+                check_self_contained(obj, path)
+                arrays[str(_decode_attribute(obj.attrs.get("endpoint", name)))] = obj[()]
 
         f.visititems(visit)
         order = f.attrs.get("endpoints")
