@@ -108,6 +108,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from .architecture import LOGITS_SCOPE, SCOPE, same_padding
+from .contention import available_cpus
 from .errors import InputError
 from .onnx_export import INPUT_NAME
 
@@ -154,13 +155,6 @@ def _check_count(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def default_threads() -> list:

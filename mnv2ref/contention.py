@@ -19,6 +19,14 @@ import subprocess
 import sys
 import time
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def busy_cpus_elsewhere() -> int:
     """How many CPUs other processes are keeping busy right now: the
     runnable threads of the whole system (/proc/loadavg) less this process's

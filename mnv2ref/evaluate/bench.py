@@ -26,10 +26,12 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..bench import cpu_info
+from ..contention import available_cpus
 from ..errors import InputError
 from ..preprocessing import load_image, preprocess
 from .datasets import Sample
-from .pipeline import Job, _classifiers, default_workers, run_local
+from .pipeline import Job, _classifiers, run_local
 
 IMAGENET_LIKE_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500))
 VALIDATION_IMAGES = 50_000
@@ -119,7 +121,7 @@ def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
     round, robust to the bursts of other jobs on a shared machine; ``wall``
     gives images over the best round's whole time instead, pool start-up
     included."""
-    workers = default_workers() if workers is None else workers
+    workers = available_cpus() if workers is None else workers
     if images < batch_size * (2 * workers + 3):
         raise InputError(f"bench --evaluate needs at least {batch_size * (2 * workers + 3)} images "
                          f"for {workers} workers and batches of {batch_size}, got {images}")
@@ -145,8 +147,8 @@ def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
     rate = {loop: 1 / min(float(np.median(each)) for each in times[loop]) for loop in loops}
     return {
         "images": images, "batch_size": batch_size, "workers": workers, "repeat": repeat,
-        "threads": threads or default_workers(),
-        "weights": str(weights), "cpu": _cpu_name(), "cpus": default_workers(),
+        "threads": threads or available_cpus(),
+        "weights": str(weights), "cpu": cpu_info()["model"], "cpus": available_cpus(),
         "load_average": [load_before, os.getloadavg()[0]],
         "images_per_s": rate,
         "images_per_s_wall": {loop: images / wall[loop] for loop in loops},
@@ -155,18 +157,6 @@ def run_evaluate_bench(weights: str, images: int = 128, batch_size: int = 16,
         "speedup_vs_serial": rate["pipeline"] / rate["serial"],
         "projected_validation_s": VALIDATION_IMAGES / rate["pipeline"],
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def format_evaluate_bench(result: dict) -> str:

@@ -17,7 +17,6 @@ code (`load_batch`) as in the Dask engine and a serial loop.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..contention import available_cpus
 from ..errors import Mnv2refError, WeightsError
 from ..preprocessing import load_image, preprocess
 from .datasets import Sample
@@ -60,14 +60,6 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
-def default_workers() -> int:
-    """One decoding process per CPU this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def preprocessed_batches(samples: Sequence[Sample], batch_size: int, workers: Optional[int],
                          size: int, meanwhile: Optional[Callable[[], object]] = None
                          ) -> Iterator[Tuple[List[Sample], np.ndarray, List[Tuple[Sample, str]]]]:
@@ -75,7 +67,7 @@ def preprocessed_batches(samples: Sequence[Sample], batch_size: int, workers: Op
     batches of `samples`, in order. `workers` processes decode in parallel
     (None: one per CPU; 0: all in this process). `meanwhile()` (e.g. loading
     the model) runs here while the workers start, before the first batch."""
-    workers = default_workers() if workers is None else workers
+    workers = available_cpus() if workers is None else workers
     if workers == 0:
         if meanwhile:
             meanwhile()
