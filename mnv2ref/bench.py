@@ -797,13 +797,10 @@ def _rss_note(result: dict) -> str:
 
 def write_json(result: dict, path: Union[str, os.PathLike]) -> Path:
     """Write `result` as JSON, atomically (temp file + rename)."""
-    from .files import atomic_write
+    from .files import write_json as write
 
-    path = Path(path)
-    with atomic_write(path, suffix=".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    return path
+    write(path, result)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------

@@ -125,3 +125,17 @@ def atomic_write(path, suffix: str = ".tmp") -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def write_json(path, value, indent: int = 1) -> None:
+    """`value` as JSON text, to `path` through `atomic_write`, or to standard
+    output when `path` is "-"."""
+    import json
+    import sys
+
+    text = json.dumps(value, indent=indent) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        return
+    with atomic_write(path, suffix=".json") as tmp:
+        tmp.write_text(text, encoding="utf-8")

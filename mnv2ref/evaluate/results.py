@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List
 
 from ..errors import InputError
-from ..files import atomic_write, os_error
+from ..files import os_error, write_json
 
 #: The model card's figures for mobilenet_v2_1.0_224 on ILSVRC2012 validation.
 CARD = {"top1": 0.7185, "top5": 0.9069}
@@ -205,9 +205,4 @@ def format_summary(summary: dict) -> str:
 
 def write_summary(summary: dict, path) -> None:
     """The summary as JSON, to `path` (atomically) or to stdout for ``-``."""
-    text = json.dumps(summary, indent=1) + "\n"
-    if str(path) == "-":
-        sys.stdout.write(text)
-        return
-    with atomic_write(path, suffix=".json") as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_json(path, summary)

@@ -16,7 +16,6 @@ Both engines serve it: the process pool on this machine, or Dask (``dask=``).
 
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from itertools import islice
@@ -26,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 from ..text import printable
 from .datasets import Sample
 from .pipeline import Job, _reference, chunks, load_samples, preprocessed_batches
@@ -86,8 +85,7 @@ def embed_shards(paths: Sequence, folder, weights: str, use_ema: bool = True, sh
             index["shards"].append({"file": shard_file(folder, k).name, "first": k * shard_size,
                                     "images": len(images), "rows": len(shard["images"]),
                                     "skipped": [str(s) for s in shard["skipped"]]})
-    with atomic_write(folder / "index.json", suffix=".json") as tmp:
-        tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    write_json(folder / "index.json", index)
     return index
 
 

@@ -106,13 +106,11 @@ class VerifyReport:
 
     def write_json(self, path) -> None:
         """Write `to_json()` to `path` (atomically), or to stdout for "-"."""
-        if str(path) == "-":
-            sys.stdout.write(self.to_json())
-            return
-        from ..files import atomic_write
+        from ..files import write_json
 
-        with atomic_write(path, suffix=".json") as tmp:
-            tmp.write_text(self.to_json(), encoding="utf-8")
+        write_json(path, self.to_dict(), indent=2)
+        if str(path) == "-":
+            return
         print(f"mnv2ref: wrote {path}", file=sys.stderr)
 
     def format(self) -> str:
