@@ -290,7 +290,8 @@ class _Replay:
                 if name == last:
                     break
         fixed = {id(_owner(a)) for packed in pack.arrays() for a in packed}
-        fixed |= {id(_owner(x))} | {id(a) for pair in K._unused(x.dtype) for a in pair}
+        # The kernels' own arrays (their addresses, the unused arguments) stay where they are.
+        fixed |= {id(_owner(x)), id(K.compile_kernels(x.dtype))} | {id(a) for pair in K._unused(x.dtype) for a in pair}
         steps, self.out = _share_memory(steps, out, fixed)
         self.steps = [(kernel, args, tuple(j for j, arg in enumerate(args) if arg is x))
                       for kernel, args in steps]

@@ -66,23 +66,28 @@ thread count gives the same bits. Nothing here calls BLAS.
 
 Compilation and launches
 ------------------------
-A cold start compiled every kernel from an empty cache before the first
-prediction: 27.5 s of CPU on the 2-core AMD EPYC (Zen 4) under the shared
-load of the day, 11-24 s of wall time on a quiet machine. Most of it was
-LLVM optimising the same code again: Numba links every function a kernel
-calls into that kernel and optimises the whole, so the GEMM tile was
-compiled in 4 literal-argument variants, each optimised again in every
-parallel kernel that called it. Now (`_signatures`, `compile_kernels`) the
-row functions and the four task functions are compiled once each, callees
-first, with explicit signatures; one parallel kernel, `_launch`, calls the
-tasks, and is compiled at LLVM's -O1 (it only calls optimised code, so the
-full level would only optimise that again); a warm start loads `_launch`
-and the pool alone. Measured, same machine and load: 27.5 -> 13-18 s of
-CPU to the first prediction, warm start unchanged (1.1-1.4 s of CPU).
-Per layer the kernels run as fast as before (A/B in one process,
-alternating: 1.00-1.03x), given a second GEMM variant with the stem's and
-the expansions' constant epilogue flags (without it those layers were
-7-23% slower, their short sums leaving the epilogue a large share).
+A cold start compiles every kernel from an empty cache before the first
+prediction. Most of it was LLVM optimising and emitting the same code
+again: Numba links every jitted function a kernel calls into that kernel,
+so the GEMM tile was optimised and turned into machine code once on its
+own, again in each task function that called it, and twice more in the
+parallel kernel (its gufunc and their wrapper). Now the kernels call each
+other by address (`_call`, as XNNPACK's operators call their micro-kernels
+through function pointers): each is compiled exactly once, on its own, with
+an explicit signature, and in any order. One parallel kernel, `_launch`,
+calls the four task functions; it holds only calls, so it is compiled at
+LLVM's -O1. And because no kernel needs another one compiled first, a cold
+start hands a share of them (`_HELPER_SHARE`) to a second process, which
+compiles them into Numba's on-disk cache while this one compiles the rest,
+then loads them from there. Measured on the 2-core AMD EPYC (Zen 4), on a
+day it ran ~1.7x slower than the day before, new process to first
+prediction with an empty cache: 26.6 s (everything linked; 15.0 s on the
+faster day) -> 14.2-15.0 s (calls by address, one process) -> 9.1-10.3 s
+(two processes); a warm start loads the ten kernels in ~0.1 s. Per layer
+the indirect calls cost nothing measurable (one call per row of work).
+Tried and not kept: one call site for the depthwise channel block (the
+last block overlapping by a computed start) halved `_dw_row`'s compile
+time but made the 112x112 depthwise layers 1.6-1.7x slower.
 
 From XNNPACK and OpenVINO: XNNPACK's runtime separates reshape/setup (work
 out every operator's arguments and buffers once per input shape) from
@@ -131,6 +136,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types as pytypes
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -142,6 +149,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .architecture import same_padding
+from .contention import available_cpus
 
 
 def _avx512_target() -> bool:
@@ -230,18 +238,45 @@ def _wide_vectors(typingctx):
 
 
 @intrinsic
-def _never_inline(typingctx):
-    """Keep LLVM from inlining the calling function into its callers.
+def _call(typingctx, calls, callee, args):
+    """Call the compiled kernel `_CALLEES[callee]`, whose machine address is
+    `calls[callee]`, with the tuple `args`, in Numba's own calling convention.
 
-    For the task functions `_launch` calls: they are optimised once, in
-    their own compilation, and `_launch`'s loop body only calls them (one
-    call per task), so there is nothing to gain from copying their code
-    into it, and compiling `_launch` stays cheap."""
-    def codegen(context, builder, signature, args):
-        builder.function.attributes.add("noinline")
+    A call to a jitted function links that function's code into the caller,
+    and LLVM optimises and emits it again there: a kernel called from three
+    task functions and the parallel kernel was compiled four times on a cold
+    start. A call through an address links nothing; each kernel is compiled
+    once, on its own, and a cold start can compile them in any order. The
+    arguments are converted to the kernel's declared signature
+    (`_signatures`), and a call that does not fit it is a typing error, so
+    the address is always called with the types it was compiled for."""
+    if not (isinstance(calls, types.Array) and calls.dtype == types.int64
+            and isinstance(callee, types.IntegerLiteral) and isinstance(args, types.BaseTuple)):
+        return None
+    tensors = [t for t in args.types if isinstance(t, types.Array) and isinstance(t.dtype, types.Float)]
+    if not tensors:
+        return None
+    declared = _signatures(numba.np.numpy_support.as_dtype(tensors[0].dtype))[_CALLEES[callee.literal_value]]
+    # A literal in the declared signature (`_gemm_relu6`'s flags) is passed
+    # as its plain type: the two have the same machine representation.
+    plain = [types.unliteral(t) for t in declared]
+    if len(plain) != len(args.types) or any(
+            (a != d) if isinstance(d, types.Array) else typingctx.can_convert(types.unliteral(a), d) is None
+            for a, d in zip(args.types, plain)):
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        given = signature.args[2].types
+        values = [context.cast(builder, builder.extract_value(llargs[2], i), types.unliteral(a), d)
+                  for i, (a, d) in enumerate(zip(given, plain))]
+        table = context.make_array(signature.args[0])(context, builder, llargs[0])
+        address = builder.load(builder.gep(table.data, [context.get_constant(types.intp, callee.literal_value)]))
+        function = context.call_conv.get_function_type(types.none, declared)
+        pointer = builder.inttoptr(address, function.as_pointer())
+        context.call_conv.call_function(builder, pointer, types.none, declared, values)
         return context.get_dummy_value()
 
-    return types.none(), codegen
+    return types.none(calls, callee, args), codegen
 
 
 # ---------------------------------------------------------------------------
@@ -400,14 +435,32 @@ def _gemm(x, p0, count, wp, bp, nb0, nb1, out, q0, relu6, res, add_res, pre, sto
                                 out[q, n0 + j] = v
 
 
+def _renamed(function, name: str):
+    """A copy of a Python function under another name: compiled by Numba,
+    it has cache files of its own."""
+    copy = pytypes.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
+                                function.__closure__)
+    copy.__qualname__ = name
+    return copy
+
+
+# `_gemm` for the stem and the expansions, compiled with ReLU6 on and the
+# rest of the epilogue off as constants (`_signatures`): their short sums
+# (K = 16..32) make the epilogue a large share of the work, and with the
+# flags constant LLVM drops its branches (measured: those layers 7-20%
+# faster). A kernel of its own rather than a second signature of `_gemm`,
+# so that a cold start can compile the two in different processes
+# (`_HELPER_SHARE`) without both writing `_gemm`'s cache index.
+_gemm_relu6 = njit(cache=True, fastmath=FASTMATH)(_renamed(_gemm.py_func, "_gemm_relu6"))
+
+
 @njit(cache=True, fastmath=FASTMATH)
-def _pointwise_task(task, x, wp, bp, out, relu6, res, add_res, pixel_chunks, panel_chunks):
+def _pointwise_task(calls, task, x, wp, bp, out, relu6, res, add_res, pixel_chunks, panel_chunks):
     """Task `task` of out = epilogue(x @ W + b) for a whole tensor,
     x: (P, K) -> out: (P, N), split into pixel_chunks x panel_chunks tasks:
     splitting the pixels suits large images, splitting the output channels
     (so each thread reads only part of W) suits the 7x7 and 14x14 layers
     and the logits."""
-    _never_inline()
     tiles = (x.shape[0] + MR - 1) // MR
     panels = wp.shape[0]
     pc = task // panel_chunks
@@ -417,7 +470,7 @@ def _pointwise_task(task, x, wp, bp, out, relu6, res, add_res, pixel_chunks, pan
     nb0 = nc * panels // panel_chunks
     nb1 = (nc + 1) * panels // panel_chunks
     if p1 > p0 and nb1 > nb0:
-        _gemm(x, p0, p1 - p0, wp, bp, nb0, nb1, out, p0, relu6, res, add_res, out, False)
+        _call(calls, GEMM, (x, p0, p1 - p0, wp, bp, nb0, nb1, out, p0, relu6, res, add_res, out, False))
 
 
 # ---------------------------------------------------------------------------
@@ -425,7 +478,7 @@ def _pointwise_task(task, x, wp, bp, out, relu6, res, add_res, pixel_chunks, pan
 # ---------------------------------------------------------------------------
 
 @njit(cache=True, fastmath=FASTMATH)
-def _stem_task(task, x, wp, bp, ksize, stride, out, chunks):
+def _stem_task(calls, task, x, wp, bp, ksize, stride, out, chunks):
     """Task `task` of `chunks` of out = relu6(conv2d(x, W, stride, SAME) + b).
 
     x: (N, H, W, Cin); wp: (NB, ksize*ksize*Cin, NR) packed from the
@@ -434,7 +487,6 @@ def _stem_task(task, x, wp, bp, ksize, stride, out, chunks):
     gathers the Wo patches into `patches` (Wo, k*k*Cin), zero where the
     window hangs over the TF SAME padding, and multiplies them by W.
     """
-    _never_inline()
     n_img, h, w, cin = x.shape
     ho, wo = out.shape[1], out.shape[2]
     top = max((ho - 1) * stride + ksize - h, 0) // 2
@@ -474,7 +526,7 @@ def _stem_task(task, x, wp, bp, ksize, stride, out, chunks):
                         for c in range(cin):
                             patches[ox, dst + j * cin + c] = src[(ix0 + j) * cin + c] if inside else zero
         row = out[img, oy]
-        _gemm(patches, 0, wo, wp, bp, 0, wp.shape[0], row, 0, True, row, False, row, False)
+        _call(calls, GEMM_RELU6, (patches, 0, wo, wp, bp, 0, wp.shape[0], row, 0, True, row, False, row, False))
 
 
 # ---------------------------------------------------------------------------
@@ -593,14 +645,13 @@ def _copy_rows(src, src_row, dst, dst_row, rows):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _depthwise_task(task, x, wd, bd, stride, relu6, out, chunks):
+def _depthwise_task(calls, task, x, wd, bd, stride, relu6, out, chunks):
     """Task `task` of `chunks` of out = relu6(depthwise_conv2d(x, W, stride, SAME) + b), 3x3.
 
     x: (N, H, W, C); wd: (9, C); bd: (C,); out: (N, Ho, Wo, C).
     Input rows are copied into a 3-row ring of zero-bordered buffers
     (W + 2, C), each row once per task, so `_dw_row` needs no bounds checks.
     """
-    _never_inline()
     n_img, h, w, c_all = x.shape
     ho = out.shape[1]
     wo = out.shape[2]
@@ -618,13 +669,13 @@ def _depthwise_task(task, x, wd, bd, stride, relu6, out, chunks):
         for i in range(3):
             iy = oy * stride + i - top
             if 0 <= iy < h and held[iy % 3] != iy:
-                _copy_rows(x[img, iy], 0, ring[iy % 3], 1, w)
+                _call(calls, COPY_ROWS, (x[img, iy], 0, ring[iy % 3], 1, w))
                 held[iy % 3] = iy
         iy = oy * stride - top
         r0 = ring[iy % 3] if 0 <= iy < h else zrow
         r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
         r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
-        _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, out[img, oy], relu6)
+        _call(calls, DW_ROW, (r0, r1, r2, 1 - left, stride, wd, bd, out[img, oy], relu6))
 
 
 # ---------------------------------------------------------------------------
@@ -632,7 +683,7 @@ def _depthwise_task(task, x, wd, bd, stride, relu6, out, chunks):
 # ---------------------------------------------------------------------------
 
 @njit(cache=True, fastmath=FASTMATH)
-def _inverted_residual_task(task, x, we, be, has_expand, wd, bd, wp, bp, stride, residual, out,
+def _inverted_residual_task(calls, task, x, we, be, has_expand, wd, bd, wp, bp, stride, residual, out,
                             exp_out, dw_out, proj_out, capture, chunks):
     """out = project(depthwise(expand(x))) (+ x), never materialising the
     expanded tensor unless asked to.
@@ -651,7 +702,6 @@ def _inverted_residual_task(task, x, we, be, has_expand, wd, bd, wp, bp, stride,
     depthwise conv into `dw` (Wo, Cexp) and projects that row into `out`.
     Neighbouring bands recompute the 1-2 expanded rows they share.
     """
-    _never_inline()
     n_img, h, w = x.shape[:3]
     ho, wo = out.shape[1], out.shape[2]
     c_exp = wd.shape[1]
@@ -678,25 +728,26 @@ def _inverted_residual_task(task, x, we, be, has_expand, wd, bd, wp, bp, stride,
                 src = x[img, iy]
                 if has_expand:
                     # Expanded pixel ix lands in buffer column ix + 1.
-                    _gemm(src, 0, w, we, be, 0, we.shape[0], slot, 1, True, slot, False, slot, False)
+                    _call(calls, GEMM_RELU6, (src, 0, w, we, be, 0, we.shape[0], slot, 1, True, slot, False, slot,
+                                              False))
                     if capture and own0 <= iy < own1:
-                        _copy_rows(slot, 1, exp_out[img, iy], 0, w)
+                        _call(calls, COPY_ROWS, (slot, 1, exp_out[img, iy], 0, w))
                 else:
-                    _copy_rows(src, 0, slot, 1, w)
+                    _call(calls, COPY_ROWS, (src, 0, slot, 1, w))
                 held[iy % 3] = iy
         iy = oy * stride - top
         r0 = ring[iy % 3] if 0 <= iy < h else zrow
         r1 = ring[(iy + 1) % 3] if 0 <= iy + 1 < h else zrow
         r2 = ring[(iy + 2) % 3] if 0 <= iy + 2 < h else zrow
-        _dw_row(r0, r1, r2, 1 - left, stride, wd, bd, dw, True)
+        _call(calls, DW_ROW, (r0, r1, r2, 1 - left, stride, wd, bd, dw, True))
         if capture:
-            _copy_rows(dw, 0, dw_out[img, oy], 0, wo)
+            _call(calls, COPY_ROWS, (dw, 0, dw_out[img, oy], 0, wo))
         row = out[img, oy]
         # The residual is read from the block input, same row and columns.
         shortcut = x[img, oy] if residual else row
         pre = proj_out[img, oy] if capture and residual else row
-        _gemm(dw, 0, wo, wp, bp, 0, wp.shape[0], row, 0, False, shortcut, residual,
-              pre, capture and residual)
+        _call(calls, GEMM, (dw, 0, wo, wp, bp, 0, wp.shape[0], row, 0, False, shortcut, residual,
+                            pre, capture and residual))
 
 
 # ---------------------------------------------------------------------------
@@ -705,17 +756,23 @@ def _inverted_residual_task(task, x, we, be, has_expand, wd, bd, wp, bp, stride,
 
 POINTWISE, STEM, DEPTHWISE, BLOCK = 0, 1, 2, 3  # kinds of work for _launch
 
+# The kernels `_call` calls by address, indexed by these names; `calls`
+# arrays hold their addresses.
+GEMM, GEMM_RELU6, DW_ROW, COPY_ROWS, POINTWISE_TASK, STEM_TASK, DEPTHWISE_TASK, BLOCK_TASK = range(8)
+_CALLEES = (_gemm, _gemm_relu6, _dw_row, _copy_rows, _pointwise_task, _stem_task, _depthwise_task,
+            _inverted_residual_task)
+
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def _launch(kind, tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b, out, aux1, aux2, aux3,
+def _launch(calls, kind, tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b, out, aux1, aux2, aux3,
             stride, n1, n2, flag1, flag2, flag3):
     """Run `tasks` tasks of one kind of work on Numba's threads.
 
-    One parallel kernel rather than one per kind: each parallel kernel
-    links (and LLVM optimises again) every row function it calls, which
-    made a cold start compile the GEMM tile four times. All tensors are 4-D
-    (a pointwise layer's (P, K) pixels as (1, 1, P, K)); arguments a kind
-    does not use may be any array of the right type.
+    One parallel kernel rather than one per kind: a parallel kernel costs
+    seconds to compile however little it does. `calls` holds the kernels'
+    addresses (`_call`). All tensors are 4-D (a pointwise layer's (P, K)
+    pixels as (1, 1, P, K)); arguments a kind does not use may be any array
+    of the right type.
 
     kind       x, out          weights               aux1, aux2, aux3        n1, n2 / flag1, flag2, flag3
     POINTWISE  pixels          gemm (the 1x1 conv)   residual, -, -          pixel, panel chunks / relu6, add residual, -
@@ -725,17 +782,18 @@ def _launch(kind, tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b, out, aux
                                proj                  projection outputs
     """
     for task in prange(tasks):
+        t = np.int64(task)
         if kind == POINTWISE:
             p, k, n = x.shape[2], x.shape[3], out.shape[3]
-            _pointwise_task(task, x.reshape((p, k)), gemm_w, gemm_b, out.reshape((p, n)), flag1,
-                            aux1.reshape((p, n)), flag2, n1, n2)
+            _call(calls, POINTWISE_TASK, (calls, t, x.reshape((p, k)), gemm_w, gemm_b, out.reshape((p, n)), flag1,
+                                          aux1.reshape((p, n)), flag2, n1, n2))
         elif kind == STEM:
-            _stem_task(task, x, gemm_w, gemm_b, n1, stride, out, tasks)
+            _call(calls, STEM_TASK, (calls, t, x, gemm_w, gemm_b, n1, stride, out, tasks))
         elif kind == DEPTHWISE:
-            _depthwise_task(task, x, dw_w, dw_b, stride, flag1, out, tasks)
+            _call(calls, DEPTHWISE_TASK, (calls, t, x, dw_w, dw_b, stride, flag1, out, tasks))
         else:
-            _inverted_residual_task(task, x, gemm_w, gemm_b, flag1, dw_w, dw_b, proj_w, proj_b, stride,
-                                    flag2, out, aux1, aux2, aux3, flag3, tasks)
+            _call(calls, BLOCK_TASK, (calls, t, x, gemm_w, gemm_b, flag1, dw_w, dw_b, proj_w, proj_b, stride,
+                                      flag2, out, aux1, aux2, aux3, flag3, tasks))
 
 
 # ---------------------------------------------------------------------------
@@ -766,35 +824,28 @@ def _signatures(dtype) -> dict:
     f = numba.from_dtype(np.dtype(dtype))
     a1, a2, a3, a4 = (types.Array(f, nd, "C") for nd in (1, 2, 3, 4))
     i, b = types.int64, types.boolean
-    # Callees before callers, with plain (non-literal) argument types: the
-    # callers then link these compiled versions instead of compiling one
-    # specialisation per constant argument (4 of _gemm, 3 of _copy_rows).
-    # The exception: the GEMM for the expansions and the stem (ReLU6, no
-    # residual, no second output), whose short sums (K = 16..32) make the
-    # epilogue a large share of the work: with the flags constant, LLVM
-    # drops their branches (measured: those layers 7-20% faster).
-    relu6_only = (a2, i, i, a3, a1, i, i, a2, i, types.literal(True), a2, types.literal(False), a2,
-                  types.literal(False))
+    calls = types.Array(i, 1, "C")
+    relu6, off = types.literal(True), types.literal(False)
     return {
-        _gemm: [(a2, i, i, a3, a1, i, i, a2, i, b, a2, b, a2, b), relu6_only],
+        _gemm: (a2, i, i, a3, a1, i, i, a2, i, b, a2, b, a2, b),
+        _gemm_relu6: (a2, i, i, a3, a1, i, i, a2, i, relu6, a2, off, a2, off),
         _dw_row: (a2, a2, a2, i, i, a2, a1, a2, b),
         _copy_rows: (a2, i, a2, i, i),
-        _pointwise_task: (i, a2, a3, a1, a2, b, a2, b, i, i),
-        _stem_task: (i, a4, a3, a1, i, i, a4, i),
-        _depthwise_task: (i, a4, a2, a1, i, b, a4, i),
-        _inverted_residual_task: (i, a4, a3, a1, b, a2, a1, a3, a1, i, b, a4, a4, a4, a4, b, i),
-        _launch: (i, i, a4, a3, a1, a2, a1, a3, a1, a4, a4, a4, a4, i, i, i, b, b, b),
+        _pointwise_task: (calls, i, a2, a3, a1, a2, b, a2, b, i, i),
+        _stem_task: (calls, i, a4, a3, a1, i, i, a4, i),
+        _depthwise_task: (calls, i, a4, a2, a1, i, b, a4, i),
+        _inverted_residual_task: (calls, i, a4, a3, a1, b, a2, a1, a3, a1, i, b, a4, a4, a4, a4, b, i),
+        _launch: (calls, i, i, a4, a3, a1, a2, a1, a3, a1, a4, a4, a4, a4, i, i, i, b, b, b),
         _global_avg_pool: (a4, a2),
     }
 
 
-# Kernels that only call compiled code: LLVM's cheapest optimisation level
-# suffices for their own few lines, and it spares optimising again (at the
-# full level, 5-12 s) the linked functions, which are optimised already.
-_LINK_ONLY = {_launch}
+# The parallel kernel only calls compiled code by address: LLVM's cheapest
+# optimisation level suffices for its few lines.
+_CALLS_ONLY = {_launch}
 
 
-_compiled = set()
+_calls = {}  # dtype -> the int64 addresses of _CALLEES, once compiled
 _compile_lock = threading.Lock()
 
 # Seconds to compile every kernel for one dtype from an empty cache, on the
@@ -819,48 +870,111 @@ def _compile_notice() -> None:
           "later runs load them from the cache", file=sys.stderr, flush=True)
 
 
-def compile_kernels(dtype=np.float32) -> None:
-    """Compile (or load from Numba's on-disk cache) every kernel for `dtype`.
+def _address(kernel, signature) -> int:
+    """Machine address of `kernel` compiled for `signature`, in Numba's
+    calling convention (what `_call` calls)."""
+    compiled = kernel.overloads[tuple(signature)]
+    return compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
 
-    Done once per dtype per process, with Numba's SLP vectorizer switched on
-    for the duration (it is off by default, and the register tiles rely on
-    it). The switch is made under Numba's global compiler lock, so no other
-    compilation in the process sees it. Afterwards the kernels' compilation
-    is disabled: a lazily compiled specialisation would lack the SLP
-    vectorizer (and be saved to the on-disk cache for later processes), so
-    a call with unexpected argument types raises a TypeError instead.
-    When the kernels are missing from the cache, one line on stderr says so
-    before compiling (`_compile_notice`)."""
-    dtype = np.dtype(dtype).type
-    if dtype in _compiled:
-        return
+
+def _compile(signatures: dict) -> None:
+    """Compile (or load from Numba's on-disk cache) each kernel for its
+    signature, with Numba's SLP vectorizer switched on for the duration
+    (it is off by default, and the register tiles rely on it). The switch is
+    made under Numba's global compiler lock, so no other compilation in the
+    process sees it. Afterwards the kernels' compilation is disabled: a
+    lazily compiled specialisation would lack the SLP vectorizer (and be
+    saved to the on-disk cache for later processes), so a call with
+    unexpected argument types raises a TypeError instead."""
     from numba.core.compiler_lock import global_compiler_lock
 
+    with global_compiler_lock:
+        saved = numba.config.SLP_VECTORIZE, numba.config.OPT
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            for kernel, signature in signatures.items():
+                numba.config.OPT = 1 if kernel in _CALLS_ONLY else saved[1]
+                kernel.disable_compile(False)
+                try:
+                    kernel.compile(signature)
+                finally:
+                    if kernel.signatures:
+                        kernel.disable_compile()
+        finally:
+            numba.config.SLP_VECTORIZE, numba.config.OPT = saved
+
+
+# On a cold start a second process compiles these kernels into the on-disk
+# cache while this one compiles the others; this one then loads them from
+# there. Kernels call each other by address (`_call`), so each compiles on
+# its own, in any order; Numba keeps one cache index file per kernel, so the
+# two processes never write the same file. Measured on the 2-core AMD EPYC
+# (Zen 4), empty cache, new process to the first prediction: see
+# COLD_COMPILE_S.
+_HELPER_SHARE = (_gemm_relu6, _dw_row, _copy_rows, _pointwise_task, _depthwise_task)
+_HELPER_TIMEOUT_S = 300
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start_helper(dtype, kernels: list):
+    """The process compiling `kernels` for `dtype` into the cache, or None
+    (one CPU only, nothing to share, or no process could be started)."""
+    if len(kernels) < 1 or available_cpus() < 2:
+        return None
+    code = "import sys\nfrom mnv2ref.kernels import compile_for_cache\ncompile_for_cache(sys.argv[1], sys.argv[2:])\n"
+    path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, np.dtype(dtype).name,
+                                 *(kernel.py_func.__name__ for kernel in kernels)],
+                                env=dict(os.environ, PYTHONPATH=path), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def compile_for_cache(dtype_name: str, names: list) -> None:
+    """The helper process of a cold start: compile the kernels named for
+    the dtype named into Numba's on-disk cache."""
+    signatures = _signatures(np.dtype(dtype_name).type)
+    _compile({kernel: signature for kernel, signature in signatures.items()
+              if kernel.py_func.__name__ in names})
+
+
+def compile_kernels(dtype=np.float32) -> np.ndarray:
+    """Compile (or load from Numba's on-disk cache) every kernel for `dtype`;
+    returns the addresses of the kernels `_call` calls (a `calls` array).
+
+    Done once per dtype per process (`_compile`). When kernels are missing
+    from the cache, one line on stderr says so before compiling
+    (`_compile_notice`), and a second process compiles some of them
+    meanwhile (`_HELPER_SHARE`)."""
+    dtype = np.dtype(dtype).type
+    if dtype in _calls:
+        return _calls[dtype]
     with _compile_lock:
-        if dtype in _compiled:
-            return
+        if dtype in _calls:
+            return _calls[dtype]
         signatures = _signatures(dtype)
-        if _in_cache(_launch, signatures[_launch]):
-            # Warm: the kernels Python calls hold the code of all they call.
-            signatures = {kernel: signatures[kernel] for kernel in (_launch, _global_avg_pool)}
-        else:
+        missing = [kernel for kernel, signature in signatures.items() if not _in_cache(kernel, signature)]
+        helper = None
+        if missing:
             _compile_notice()
-        with global_compiler_lock:
-            saved = numba.config.SLP_VECTORIZE, numba.config.OPT
-            numba.config.SLP_VECTORIZE = 1
-            try:
-                for kernel, signature in signatures.items():
-                    numba.config.OPT = 1 if kernel in _LINK_ONLY else saved[1]
-                    kernel.disable_compile(False)
-                    try:
-                        for one in signature if isinstance(signature, list) else [signature]:
-                            kernel.compile(one)
-                    finally:
-                        if kernel.signatures:
-                            kernel.disable_compile()
-            finally:
-                numba.config.SLP_VECTORIZE, numba.config.OPT = saved
-        _compiled.add(dtype)
+            helper = _start_helper(dtype, [kernel for kernel in missing if kernel in _HELPER_SHARE])
+        shared = _HELPER_SHARE if helper is not None else ()
+        try:
+            _compile({kernel: signature for kernel, signature in signatures.items() if kernel not in shared})
+            if helper is not None:
+                helper.wait(timeout=_HELPER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass  # compiled here below, then
+        finally:
+            if helper is not None and helper.poll() is None:
+                helper.kill()
+                helper.wait()
+        # From the cache the helper filled; compiled here if it failed.
+        _compile({kernel: signatures[kernel] for kernel in shared})
+        _calls[dtype] = np.array([_address(kernel, signatures[kernel]) for kernel in _CALLEES], np.int64)
+        return _calls[dtype]
 
 
 # ---------------------------------------------------------------------------
@@ -991,7 +1105,7 @@ def _require(condition: bool, message: str) -> None:
 def pointwise_conv(x: np.ndarray, packed: Packed, relu6: bool = True, residual=None,
                    pixel_chunks: int = 0, panel_chunks: int = 1) -> np.ndarray:
     """1x1 conv + bias (+ ReLU6) (+ residual): (..., Cin) -> (..., Cout)."""
-    compile_kernels(packed.dtype)
+    calls = compile_kernels(packed.dtype)
     x = _contiguous(x, packed.dtype)
     _require(packed.kind == "gemm" and x.shape[-1] == packed.w.shape[1],
              f"input has {x.shape[-1]} channels, weights expect {packed.w.shape[1]}")
@@ -1006,14 +1120,14 @@ def pointwise_conv(x: np.ndarray, packed: Packed, relu6: bool = True, residual=N
     pixel_chunks = pixel_chunks or max(1, min(_threads(), -(-flat.shape[0] // MR)))
     as4d = lambda a: a.reshape(1, 1, *a.shape)  # noqa: E731 - the (P, C) pixels as _launch takes them
     dw, proj = _unused(packed.dtype)
-    _run(_launch, POINTWISE, pixel_chunks * panel_chunks, as4d(flat), packed.w, packed.b, *dw, *proj,
+    _run(_launch, calls, POINTWISE, pixel_chunks * panel_chunks, as4d(flat), packed.w, packed.b, *dw, *proj,
             as4d(out), as4d(res), as4d(out), as4d(out), 1, pixel_chunks, panel_chunks, relu6, add_res, False)
     return out.reshape(*x.shape[:-1], packed.cout)
 
 
 def stem_conv(x: np.ndarray, packed: Packed, stride: int = 2) -> np.ndarray:
     """Full k x k conv, TF SAME padding, + bias + ReLU6: (N, H, W, Cin) -> (N, Ho, Wo, Cout)."""
-    compile_kernels(packed.dtype)
+    calls = compile_kernels(packed.dtype)
     x = _contiguous(x, packed.dtype)
     n, h, w, cin = x.shape
     _require(packed.kind == "gemm" and packed.ksize ** 2 * cin == packed.w.shape[1] and stride >= 1,
@@ -1022,14 +1136,14 @@ def stem_conv(x: np.ndarray, packed: Packed, stride: int = 2) -> np.ndarray:
     ho, wo = same_padding(h, packed.ksize, stride)[2], same_padding(w, packed.ksize, stride)[2]
     out = np.empty((n, ho, wo, packed.cout), packed.dtype)
     dw, proj = _unused(packed.dtype)
-    _run(_launch, STEM, n * bands_per_image(n, ho), x, packed.w, packed.b, *dw, *proj, out, out, out, out,
+    _run(_launch, calls, STEM, n * bands_per_image(n, ho), x, packed.w, packed.b, *dw, *proj, out, out, out, out,
             stride, packed.ksize, 1, False, False, False)
     return out
 
 
 def depthwise_conv(x: np.ndarray, packed: Packed, stride: int = 1, relu6: bool = True) -> np.ndarray:
     """3x3 depthwise conv, TF SAME padding, + bias (+ ReLU6): (N, H, W, C) -> (N, Ho, Wo, C)."""
-    compile_kernels(packed.dtype)
+    calls = compile_kernels(packed.dtype)
     x = _contiguous(x, packed.dtype)
     n, h, w, c = x.shape
     _require(packed.kind == "depthwise" and c == packed.cout and stride >= 1,
@@ -1037,7 +1151,7 @@ def depthwise_conv(x: np.ndarray, packed: Packed, stride: int = 1, relu6: bool =
     ho, wo = same_padding(h, 3, stride)[2], same_padding(w, 3, stride)[2]
     out = np.empty((n, ho, wo, c), packed.dtype)
     _, gemm = _unused(packed.dtype)
-    _run(_launch, DEPTHWISE, n * bands_per_image(n, ho), x, *gemm, packed.w, packed.b, *gemm, out, out, out,
+    _run(_launch, calls, DEPTHWISE, n * bands_per_image(n, ho), x, *gemm, packed.w, packed.b, *gemm, out, out, out,
             out, stride, 1, 1, relu6, False, False)
     return out
 
@@ -1050,7 +1164,7 @@ def inverted_residual(x: np.ndarray, expand, depthwise: Packed, project: Packed,
     (out, expansion or None, depthwise, projection or None), the projection
     being the block output before the residual add."""
     dtype = depthwise.dtype
-    compile_kernels(dtype)
+    calls = compile_kernels(dtype)
     x = _contiguous(x, dtype)
     n, h, w, cin = x.shape
     ho, wo = same_padding(h, 3, stride)[2], same_padding(w, 3, stride)[2]
@@ -1070,7 +1184,7 @@ def inverted_residual(x: np.ndarray, expand, depthwise: Packed, project: Packed,
     else:
         exp_out = dw_out = proj_out = out
     bands = bands or bands_per_image(n, ho)
-    _run(_launch, BLOCK, n * bands, x, expand.w, expand.b, depthwise.w, depthwise.b, project.w, project.b,
+    _run(_launch, calls, BLOCK, n * bands, x, expand.w, expand.b, depthwise.w, depthwise.b, project.w, project.b,
             out, exp_out, dw_out, proj_out, stride, 1, 1, has_expand, residual, capture)
     if not capture:
         return out

@@ -1,6 +1,7 @@
 """The fast path's run-time behaviour: fewer threads while other processes
 keep CPUs busy, and one line on stderr before a cold compile."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,37 @@ def test_cold_cache_notice(tmp_path):
     lines = _compile_in_subprocess(tmp_path / "empty-cache").splitlines()
     assert len([line for line in lines if line.startswith(NOTICE)]) == 1
     assert lines[-1].endswith("s); later runs load them from the cache")
+
+
+def test_cold_start_shares_the_compiling_with_a_second_process(tmp_path):
+    """From an empty cache the kernels of _HELPER_SHARE come from the cache
+    the helper process filled, the rest are compiled here; a later process
+    finds them all in the cache and computes the same bits."""
+    code = ("import json, sys\nimport numpy as np\nfrom mnv2ref import kernels as K\n"
+            "K.compile_kernels(np.float32)\n"
+            "x = np.random.default_rng(0).uniform(-1, 1, (1, 9, 7, 16)).astype(np.float32)\n"
+            "w = K.pack_gemm(np.linspace(-1, 1, 16 * 96).reshape(16, 96), np.ones(96), np.float32)\n"
+            "d = K.pack_depthwise(np.linspace(-1, 1, 9 * 96).reshape(3, 3, 96, 1), np.ones(96), np.float32)\n"
+            "p = K.pack_gemm(np.linspace(1, -1, 96 * 16).reshape(96, 16), np.ones(16), np.float32)\n"
+            "out = K.inverted_residual(x, w, d, p, 1, True)\n"
+            "print(json.dumps({'hits': {k.py_func.__name__: sum(k.stats.cache_hits.values())\n"
+            "                           for k in K._signatures(np.float32)},\n"
+            "                  'sum': float(out.astype(np.float64).sum())}))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=600, check=True)
+        runs.append((json.loads(done.stdout.splitlines()[-1]), done.stderr))
+    (cold, cold_err), (warm, warm_err) = runs
+    shared = {k.py_func.__name__ for k in K._HELPER_SHARE}
+    if contention.available_cpus() >= 2:
+        assert {name for name, hits in cold["hits"].items() if hits} == shared
+    else:  # no helper on one CPU: all compiled here
+        assert not any(cold["hits"].values())
+    assert NOTICE in cold_err and NOTICE not in warm_err
+    assert all(warm["hits"].values())
+    assert warm["sum"] == cold["sum"]
 
 
 @pytest.mark.parametrize("until", [None, "layer_4", "global_pool"])
