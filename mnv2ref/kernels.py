@@ -758,9 +758,24 @@ POINTWISE, STEM, DEPTHWISE, BLOCK = 0, 1, 2, 3  # kinds of work for _launch
 
 # The kernels `_call` calls by address, indexed by these names; `calls`
 # arrays hold their addresses.
-GEMM, GEMM_RELU6, DW_ROW, COPY_ROWS, POINTWISE_TASK, STEM_TASK, DEPTHWISE_TASK, BLOCK_TASK = range(8)
-_CALLEES = (_gemm, _gemm_relu6, _dw_row, _copy_rows, _pointwise_task, _stem_task, _depthwise_task,
-            _inverted_residual_task)
+GEMM, GEMM_RELU6, DW_ROW, COPY_ROWS, POINTWISE_TASK, STEM_TASK, DEPTHWISE_TASK, BLOCK_TASK, RUN_TASK = range(9)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _run_task(calls, kind, task, tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b, out, aux1, aux2, aux3,
+              stride, n1, n2, flag1, flag2, flag3):
+    """Run task `task` of `tasks` of one kind of work (see `_launch`)."""
+    if kind == POINTWISE:
+        p, k, n = x.shape[2], x.shape[3], out.shape[3]
+        _call(calls, POINTWISE_TASK, (calls, task, x.reshape((p, k)), gemm_w, gemm_b, out.reshape((p, n)), flag1,
+                                      aux1.reshape((p, n)), flag2, n1, n2))
+    elif kind == STEM:
+        _call(calls, STEM_TASK, (calls, task, x, gemm_w, gemm_b, n1, stride, out, tasks))
+    elif kind == DEPTHWISE:
+        _call(calls, DEPTHWISE_TASK, (calls, task, x, dw_w, dw_b, stride, flag1, out, tasks))
+    else:
+        _call(calls, BLOCK_TASK, (calls, task, x, gemm_w, gemm_b, flag1, dw_w, dw_b, proj_w, proj_b, stride,
+                                  flag2, out, aux1, aux2, aux3, flag3, tasks))
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -768,11 +783,12 @@ def _launch(calls, kind, tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b, o
             stride, n1, n2, flag1, flag2, flag3):
     """Run `tasks` tasks of one kind of work on Numba's threads.
 
-    One parallel kernel rather than one per kind: a parallel kernel costs
-    seconds to compile however little it does. `calls` holds the kernels'
-    addresses (`_call`). All tensors are 4-D (a pointwise layer's (P, K)
-    pixels as (1, 1, P, K)); arguments a kind does not use may be any array
-    of the right type.
+    One parallel kernel rather than one per kind, and one call in its loop
+    (`_run_task` picks the task function): a parallel kernel costs a second
+    or more to compile however little it does, more with every call in its
+    body. `calls` holds the kernels' addresses (`_call`). All tensors are
+    4-D (a pointwise layer's (P, K) pixels as (1, 1, P, K)); arguments a
+    kind does not use may be any array of the right type.
 
     kind       x, out          weights               aux1, aux2, aux3        n1, n2 / flag1, flag2, flag3
     POINTWISE  pixels          gemm (the 1x1 conv)   residual, -, -          pixel, panel chunks / relu6, add residual, -
@@ -782,18 +798,12 @@ def _launch(calls, kind, tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b, o
                                proj                  projection outputs
     """
     for task in prange(tasks):
-        t = np.int64(task)
-        if kind == POINTWISE:
-            p, k, n = x.shape[2], x.shape[3], out.shape[3]
-            _call(calls, POINTWISE_TASK, (calls, t, x.reshape((p, k)), gemm_w, gemm_b, out.reshape((p, n)), flag1,
-                                          aux1.reshape((p, n)), flag2, n1, n2))
-        elif kind == STEM:
-            _call(calls, STEM_TASK, (calls, t, x, gemm_w, gemm_b, n1, stride, out, tasks))
-        elif kind == DEPTHWISE:
-            _call(calls, DEPTHWISE_TASK, (calls, t, x, dw_w, dw_b, stride, flag1, out, tasks))
-        else:
-            _call(calls, BLOCK_TASK, (calls, t, x, gemm_w, gemm_b, flag1, dw_w, dw_b, proj_w, proj_b, stride,
-                                      flag2, out, aux1, aux2, aux3, flag3, tasks))
+        _call(calls, RUN_TASK, (calls, kind, np.int64(task), tasks, x, gemm_w, gemm_b, dw_w, dw_b, proj_w, proj_b,
+                                out, aux1, aux2, aux3, stride, n1, n2, flag1, flag2, flag3))
+
+
+_CALLEES = (_gemm, _gemm_relu6, _dw_row, _copy_rows, _pointwise_task, _stem_task, _depthwise_task,
+            _inverted_residual_task, _run_task)
 
 
 # ---------------------------------------------------------------------------
@@ -835,6 +845,7 @@ def _signatures(dtype) -> dict:
         _stem_task: (calls, i, a4, a3, a1, i, i, a4, i),
         _depthwise_task: (calls, i, a4, a2, a1, i, b, a4, i),
         _inverted_residual_task: (calls, i, a4, a3, a1, b, a2, a1, a3, a1, i, b, a4, a4, a4, a4, b, i),
+        _run_task: (calls, i, i, i, a4, a3, a1, a2, a1, a3, a1, a4, a4, a4, a4, i, i, i, b, b, b),
         _launch: (calls, i, i, a4, a3, a1, a2, a1, a3, a1, a4, a4, a4, a4, i, i, i, b, b, b),
         _global_avg_pool: (a4, a2),
     }
@@ -911,7 +922,7 @@ def _compile(signatures: dict) -> None:
 # two processes never write the same file. Measured on the 2-core AMD EPYC
 # (Zen 4), empty cache, new process to the first prediction: see
 # COLD_COMPILE_S.
-_HELPER_SHARE = (_gemm_relu6, _dw_row, _copy_rows, _pointwise_task, _depthwise_task)
+_HELPER_SHARE = (_gemm_relu6, _dw_row, _pointwise_task, _depthwise_task, _run_task)
 _HELPER_TIMEOUT_S = 300
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
