@@ -924,7 +924,17 @@ def _compile(signatures: dict) -> None:
 # COLD_COMPILE_S.
 _HELPER_SHARE = (_gemm_relu6, _dw_row, _pointwise_task, _depthwise_task, _run_task)
 _HELPER_TIMEOUT_S = 300
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The helper imports this very file (Numba's cache is keyed by its path),
+# whatever its working directory or PYTHONPATH would pick, and does nothing
+# if that failed.
+_HELPER_CODE = """import os, sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(sys.argv[1])))
+from mnv2ref import kernels
+if os.path.realpath(kernels.__file__) == sys.argv[1]:
+    kernels.compile_for_cache(sys.argv[2], sys.argv[3:])
+"""
 
 
 def _start_helper(dtype, kernels: list):
@@ -932,13 +942,10 @@ def _start_helper(dtype, kernels: list):
     (one CPU only, nothing to share, or no process could be started)."""
     if len(kernels) < 1 or available_cpus() < 2:
         return None
-    code = "import sys\nfrom mnv2ref.kernels import compile_for_cache\ncompile_for_cache(sys.argv[1], sys.argv[2:])\n"
-    path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
     try:
-        return subprocess.Popen([sys.executable, "-c", code, np.dtype(dtype).name,
-                                 *(kernel.py_func.__name__ for kernel in kernels)],
-                                env=dict(os.environ, PYTHONPATH=path), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen([sys.executable, "-c", _HELPER_CODE, os.path.realpath(__file__),
+                                 np.dtype(dtype).name, *(kernel.py_func.__name__ for kernel in kernels)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         return None
 

@@ -108,8 +108,14 @@ def test_cold_cache_notice(tmp_path):
 def test_cold_start_shares_the_compiling_with_a_second_process(tmp_path):
     """From an empty cache the kernels of _HELPER_SHARE come from the cache
     the helper process filled, the rest are compiled here; a later process
-    finds them all in the cache and computes the same bits."""
-    code = ("import json, sys\nimport numpy as np\nfrom mnv2ref import kernels as K\n"
+    finds them all in the cache and computes the same bits. The helper
+    imports the same kernels.py even from a folder holding another mnv2ref
+    (a checkout of an older version, say)."""
+    decoy = tmp_path / "elsewhere" / "mnv2ref"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy package was imported')\n")
+    code = (f"import json, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+            "import numpy as np\nfrom mnv2ref import kernels as K\n"
             "K.compile_kernels(np.float32)\n"
             "x = np.random.default_rng(0).uniform(-1, 1, (1, 9, 7, 16)).astype(np.float32)\n"
             "w = K.pack_gemm(np.linspace(-1, 1, 16 * 96).reshape(16, 96), np.ones(96), np.float32)\n"
@@ -119,11 +125,11 @@ def test_cold_start_shares_the_compiling_with_a_second_process(tmp_path):
             "print(json.dumps({'hits': {k.py_func.__name__: sum(k.stats.cache_hits.values())\n"
             "                           for k in K._signatures(np.float32)},\n"
             "                  'sum': float(out.astype(np.float64).sum())}))\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     runs = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              timeout=600, check=True)
+                              timeout=600, check=True, cwd=decoy.parent)
         runs.append((json.loads(done.stdout.splitlines()[-1]), done.stderr))
     (cold, cold_err), (warm, warm_err) = runs
     shared = {k.py_func.__name__ for k in K._HELPER_SHARE}
