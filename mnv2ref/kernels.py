@@ -79,15 +79,18 @@ calls the four task functions; it holds only calls, so it is compiled at
 LLVM's -O1. And because no kernel needs another one compiled first, a cold
 start hands a share of them (`_HELPER_SHARE`) to a second process, which
 compiles them into Numba's on-disk cache while this one compiles the rest,
-then loads them from there. Measured on the 2-core AMD EPYC (Zen 4), on a
-day it ran ~1.7x slower than the day before, new process to first
-prediction with an empty cache: 26.6 s (everything linked; 15.0 s on the
-faster day) -> 14.2-15.0 s (calls by address, one process) -> 9.1-10.3 s
-(two processes); a warm start loads the ten kernels in ~0.1 s. Per layer
-the indirect calls cost nothing measurable (one call per row of work).
+then loads them from there. Measured on the 2-core AMD EPYC (Zen 4) on
+2026-12-02, a day it ran 1.5-1.7x slower than the day before, new process
+to first prediction with an empty cache: 26.6 s (everything linked; 15.0 s
+the day before) -> 14-18 s (calls by address, one process; the machine
+slowed down over the afternoon) -> 9.5-12 s (two processes, `mnv2ref bench`
+9.9 and 10.6 s); loading the eleven kernels from a warm cache takes ~0.05 s
+of that, Numba's own lazy imports most of the rest. Per layer the indirect
+calls cost nothing measurable (one call per row of work; best-of-60 layer
+times, one thread, within 5% either way of the linked kernels').
 Tried and not kept: one call site for the depthwise channel block (the
 last block overlapping by a computed start) halved `_dw_row`'s compile
-time but made the 112x112 depthwise layers 1.6-1.7x slower.
+time but made the 112x112 layers 1.3-1.8x slower.
 
 From XNNPACK and OpenVINO: XNNPACK's runtime separates reshape/setup (work
 out every operator's arguments and buffers once per input shape) from
