@@ -92,25 +92,18 @@ def _image_batches(paths, size, batch_size, skipped):
     reported on stderr, appended to `skipped` and left out."""
     from tqdm import tqdm
 
-    from .errors import ImageError
-    from .preprocessing import load_image, preprocess
+    from .evaluate.pipeline import chunks, load_batch
 
-    names, arrays = [], []
     with tqdm(total=len(paths), unit="img", disable=None if len(paths) > 1 else True,
               file=sys.stderr) as bar:
-        for path in paths:
-            try:
-                arrays.append(preprocess(load_image(path), size=size))
-                names.append(path)
-            except ImageError as error:
-                tqdm.write(f"mnv2ref: warning: skipping {printable(error)}", file=sys.stderr)
-                skipped.append(path)
-            bar.update()
-            if len(arrays) == batch_size:
-                yield names, np.stack(arrays)
-                names, arrays = [], []
-        if arrays:
-            yield names, np.stack(arrays)
+        for group in chunks(paths, batch_size):
+            read, batch, failures = load_batch(group, size)
+            for position, message in failures:
+                tqdm.write(f"mnv2ref: warning: skipping {printable(message)}", file=sys.stderr)
+                skipped.append(group[position])
+            bar.update(len(group))
+            if read:
+                yield [group[i] for i in read], batch
 
 
 def _report_skipped(skipped, total) -> int:
