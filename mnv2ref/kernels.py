@@ -810,26 +810,6 @@ _CALLEES = (_gemm, _gemm_relu6, _dw_row, _copy_rows, _pointwise_task, _stem_task
 
 
 # ---------------------------------------------------------------------------
-# Global average pool.
-# ---------------------------------------------------------------------------
-
-@njit(cache=True, fastmath=FASTMATH)
-def _global_avg_pool(x, out):
-    """out[n, c] = mean of x[n, :, :, c]. x: (N, H, W, C); out: (N, C).
-    Sums in the input dtype, pixel by pixel (vectorised over channels)."""
-    n_img, h, w, c_all = x.shape
-    for img in range(n_img):
-        for c in range(c_all):
-            out[img, c] = 0
-        for iy in range(h):
-            for ix in range(w):
-                for c in range(c_all):
-                    out[img, c] += x[img, iy, ix, c]
-        for c in range(c_all):
-            out[img, c] /= h * w
-
-
-# ---------------------------------------------------------------------------
 # Compilation: explicit signatures, with the SLP vectorizer on.
 # ---------------------------------------------------------------------------
 
@@ -850,7 +830,6 @@ def _signatures(dtype) -> dict:
         _inverted_residual_task: (calls, i, a4, a3, a1, b, a2, a1, a3, a1, i, b, a4, a4, a4, a4, b, i),
         _run_task: (calls, i, i, i, a4, a3, a1, a2, a1, a3, a1, a4, a4, a4, a4, i, i, i, b, b, b),
         _launch: (calls, i, i, a4, a3, a1, a2, a1, a3, a1, a4, a4, a4, a4, i, i, i, b, b, b),
-        _global_avg_pool: (a4, a2),
     }
 
 
@@ -925,7 +904,7 @@ def _compile(signatures: dict) -> None:
 # two processes never write the same file. Measured on the 2-core AMD EPYC
 # (Zen 4), empty cache, new process to the first prediction: see
 # COLD_COMPILE_S.
-_HELPER_SHARE = (_gemm_relu6, _dw_row, _pointwise_task, _depthwise_task, _run_task)
+_HELPER_SHARE = (_gemm_relu6, _dw_row, _depthwise_task, _run_task)
 _HELPER_TIMEOUT_S = 300
 
 
@@ -1212,10 +1191,16 @@ def inverted_residual(x: np.ndarray, expand, depthwise: Packed, project: Packed,
     return (out, exp_out if has_expand else None, dw_out, proj_out if residual else None)
 
 
+def _mean_pool(x: np.ndarray, out: np.ndarray) -> None:
+    """out = the mean of x over its spatial axes, as `layers.global_avg_pool`."""
+    np.mean(x, axis=(1, 2), dtype=x.dtype, out=out, keepdims=True)
+
+
 def global_avg_pool(x: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) -> (N, 1, 1, C), summed in x's dtype."""
-    compile_kernels(x.dtype)
+    """(N, H, W, C) -> (N, 1, 1, C), summed in x's dtype. NumPy's mean, the
+    reference layer's very arithmetic: for 7x7 pixels a kernel of its own
+    gained ~10 us per image and cost half a second of every cold start."""
     x = np.ascontiguousarray(x)
-    out = np.empty((x.shape[0], x.shape[3]), x.dtype)
-    _run(_global_avg_pool, x, out)
-    return out.reshape(x.shape[0], 1, 1, x.shape[3])
+    out = np.empty((x.shape[0], 1, 1, x.shape[3]), x.dtype)
+    _run(_mean_pool, x, out)
+    return out
