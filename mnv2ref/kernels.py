@@ -75,8 +75,8 @@ parallel kernel (its gufunc and their wrapper). Now the kernels call each
 other by address (`_call`, as XNNPACK's operators call their micro-kernels
 through function pointers): each is compiled exactly once, on its own, with
 an explicit signature, and in any order. One parallel kernel, `_launch`,
-calls the four task functions; it holds only calls, so it is compiled at
-LLVM's -O1. And because no kernel needs another one compiled first, a cold
+has one call in its loop, to `_run_task`, which calls the task function of
+the kind of work; holding only calls, `_launch` is compiled at LLVM's -O1. And because no kernel needs another one compiled first, a cold
 start hands a share of them (`_HELPER_SHARE`) to a second process, which
 compiles them into Numba's on-disk cache while this one compiles the rest,
 then loads them from there. Measured on the 2-core AMD EPYC (Zen 4) on
@@ -84,8 +84,8 @@ then loads them from there. Measured on the 2-core AMD EPYC (Zen 4) on
 to first prediction with an empty cache: 26.6 s (everything linked; 15.0 s
 the day before) -> 14-18 s (calls by address, one process; the machine
 slowed down over the afternoon) -> 9.5-12 s (two processes, `mnv2ref bench`
-9.9 and 10.6 s); loading the eleven kernels from a warm cache takes ~0.05 s
-of that, Numba's own lazy imports most of the rest. Per layer the indirect
+9.9-11 s). A warm start takes 1.6-1.8 s on that day: loading the ten
+kernels ~0.05 s of it, Numba's own lazy imports most of the rest. Per layer the indirect
 calls cost nothing measurable (one call per row of work; best-of-60 layer
 times, one thread, within 5% either way of the linked kernels').
 Tried and not kept: one call site for the depthwise channel block (the
