@@ -276,7 +276,10 @@ def _call(typingctx, calls, callee, args):
         address = builder.load(builder.gep(table.data, [context.get_constant(types.intp, callee.literal_value)]))
         function = context.call_conv.get_function_type(types.none, declared)
         pointer = builder.inttoptr(address, function.as_pointer())
-        context.call_conv.call_function(builder, pointer, types.none, declared, values)
+        status, _ = context.call_conv.call_function(builder, pointer, types.none, declared, values)
+        # A failure in the callee (an allocation that failed, say) fails the caller too.
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
         return context.get_dummy_value()
 
     return types.none(calls, callee, args), codegen
