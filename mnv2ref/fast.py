@@ -290,8 +290,7 @@ class _Replay:
                 if name == last:
                     break
         fixed = {id(_owner(a)) for packed in pack.arrays() for a in packed}
-        # The kernels' own arrays (their addresses, the unused arguments) stay where they are.
-        fixed |= {id(_owner(x)), id(K.compile_kernels(x.dtype))} | {id(a) for pair in K._unused(x.dtype) for a in pair}
+        fixed |= {id(_owner(x))} | {id(a) for a in K.kernel_arrays(x.dtype)}
         steps, self.out = _share_memory(steps, out, fixed)
         self.steps = [(kernel, args, tuple(j for j, arg in enumerate(args) if arg is x))
                       for kernel, args in steps]

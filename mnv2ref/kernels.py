@@ -76,18 +76,20 @@ other by address (`_call`, as XNNPACK's operators call their micro-kernels
 through function pointers): each is compiled exactly once, on its own, with
 an explicit signature, and in any order. One parallel kernel, `_launch`,
 has one call in its loop, to `_run_task`, which calls the task function of
-the kind of work; holding only calls, `_launch` is compiled at LLVM's -O1. And because no kernel needs another one compiled first, a cold
-start hands a share of them (`_HELPER_SHARE`) to a second process, which
-compiles them into Numba's on-disk cache while this one compiles the rest,
-then loads them from there. Measured on the 2-core AMD EPYC (Zen 4) on
+the kind of work; holding only calls, `_launch` is compiled at LLVM's -O1.
+And because no kernel needs another one compiled first, a cold start hands
+a share of them (`_HELPER_SHARE`) to a second process, which compiles them
+into Numba's on-disk cache while this one compiles the rest, then loads
+them from there. Measured on the 2-core AMD EPYC (Zen 4) on
 2026-12-02, a day it ran 1.5-1.7x slower than the day before, new process
 to first prediction with an empty cache: 26.6 s (everything linked; 15.0 s
 the day before) -> 14-18 s (calls by address, one process; the machine
 slowed down over the afternoon) -> 9.5-12 s (two processes, `mnv2ref bench`
 9.9-11 s). A warm start takes 1.6-1.8 s on that day: loading the ten
-kernels ~0.05 s of it, Numba's own lazy imports most of the rest. Per layer the indirect
-calls cost nothing measurable (one call per row of work; best-of-60 layer
-times, one thread, within 5% either way of the linked kernels').
+kernels ~0.05 s of it, Numba's own lazy imports most of the rest. Per
+layer the indirect calls cost nothing measurable (one call per row of
+work; best-of-60 layer times, one thread, within 5% either way of the
+linked kernels').
 Tried and not kept: one call site for the depthwise channel block (the
 last block overlapping by a computed start) halved `_dw_row`'s compile
 time but made the 112x112 layers 1.3-1.8x slower.
@@ -139,10 +141,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import types as pytypes
 import subprocess
 import sys
 import threading
+import types as pytypes
 from dataclasses import dataclass
 
 import numba
@@ -904,9 +906,8 @@ def _compile(signatures: dict) -> None:
 # cache while this one compiles the others; this one then loads them from
 # there. Kernels call each other by address (`_call`), so each compiles on
 # its own, in any order; Numba keeps one cache index file per kernel, so the
-# two processes never write the same file. Measured on the 2-core AMD EPYC
-# (Zen 4), empty cache, new process to the first prediction: see
-# COLD_COMPILE_S.
+# two processes never write the same file. (Measured: the module
+# docstring, "Compilation and launches".)
 _HELPER_SHARE = (_gemm_relu6, _dw_row, _depthwise_task, _run_task)
 _HELPER_TIMEOUT_S = 300
 
@@ -925,7 +926,7 @@ if os.path.realpath(kernels.__file__) == sys.argv[1]:
 def _start_helper(dtype, kernels: list):
     """The process compiling `kernels` for `dtype` into the cache, or None
     (one CPU only, nothing to share, or no process could be started)."""
-    if len(kernels) < 1 or available_cpus() < 2:
+    if not kernels or available_cpus() < 2:
         return None
     try:
         return subprocess.Popen([sys.executable, "-c", _HELPER_CODE, os.path.realpath(__file__),
@@ -1082,6 +1083,13 @@ def _unused(dtype) -> tuple:
         _UNUSED[dtype] = ((np.zeros((1, 1), dtype), np.zeros(1, dtype)),
                           (np.zeros((1, 1, NR), dtype), np.zeros(NR, dtype)))
     return _UNUSED[dtype]
+
+
+def kernel_arrays(dtype) -> list:
+    """The arrays the kernels themselves pass to every call for `dtype` (the
+    `calls` addresses, the unused arguments): a replay must leave them
+    where they are."""
+    return [compile_kernels(dtype), *(a for pair in _unused(dtype) for a in pair)]
 
 
 def _threads() -> int:
